@@ -1,0 +1,122 @@
+"""Cache policy configuration, validated against the image grid before any tensor exists."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from fractions import Fraction
+
+POLICIES = ("full", "linear", "window", "heavy_hitter")
+
+
+class CacheConfigError(ValueError):
+    """A cache setting that cannot work for this model or grid."""
+
+
+def parse_fraction(text: str | float | int) -> float:
+    """'1/6' -> 0.1666..., '0.25' -> 0.25."""
+    try:
+        return float(Fraction(str(text).strip()))
+    except (ValueError, ZeroDivisionError) as e:
+        raise CacheConfigError(f"rho must be a number or a fraction like 1/6, got {text!r}") from e
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What the user asks for: `cache: {policy: linear, rho: 1/6}`.
+
+    The visual budget B is a whole number of grid lines, given either as `lines`
+    or as `rho` (a fraction of the image tokens, rounded to the nearest line).
+    Condition tokens are always kept and never count towards B.
+    """
+    policy: str = "full"
+    rho: float | None = None
+    lines: int | None = None
+    recent_lines: int | None = None  # R: newest lines always kept (default: 1 linear, B/2 heavy_hitter, B window)
+    anchor_lines: int = 0  # first visual lines kept forever, counted in B
+    head_aggregate: bool = False  # one selection for all (local) heads of a row instead of one per head
+    pool: int = 1  # odd size of the 2D neighbourhood the scores are summed over (1 = none)
+    cfg_shared: bool = False  # unconditional CFG rows keep what their conditional row keeps
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "CacheSpec":
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise CacheConfigError(f"unknown cache setting(s): {', '.join(sorted(unknown))}")
+        if d.get("rho") is not None:
+            d["rho"] = parse_fraction(d["rho"])
+        return cls(**d)
+
+    def plan(self, grid_h: int, grid_w: int, image_tokens: int | None = None) -> "CachePlan":
+        """Check the settings against an h x w grid and resolve the budget."""
+        if self.policy not in POLICIES:
+            raise CacheConfigError(f"unknown cache policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if image_tokens is not None and grid_h * grid_w != image_tokens:
+            raise CacheConfigError(f"grid {grid_h}x{grid_w} does not match the model's {image_tokens} image tokens")
+        if self.policy == "full":
+            return CachePlan(self, grid_h, grid_w, budget_lines=grid_h, recent_lines=grid_h, scoring=None)
+        if self.rho is not None and self.lines is not None:
+            raise CacheConfigError("give the cache budget as rho or as lines, not both")
+        if self.lines is not None:
+            if self.lines < 1:
+                raise CacheConfigError(f"cache lines must be >= 1, got {self.lines}")
+            lines = self.lines
+        elif self.rho is not None:
+            if not 0.0 < self.rho <= 1.0:
+                raise CacheConfigError(f"rho must be in (0, 1], got {self.rho:g}")
+            lines = max(1, math.floor(self.rho * grid_h + 0.5))
+        else:
+            raise CacheConfigError(f"cache policy {self.policy!r} needs a budget: rho (e.g. 1/6) or lines")
+        lines = min(lines, grid_h)
+        default_recent = {"linear": 1, "heavy_hitter": max(1, lines // 2), "window": lines - self.anchor_lines}
+        recent = self.recent_lines if self.recent_lines is not None else default_recent[self.policy]
+        if self.policy == "window" and self.recent_lines is not None and recent + self.anchor_lines != lines:
+            raise CacheConfigError("window keeps anchors + the last lines only: recent_lines + anchor_lines must equal the budget")
+        if recent < 1:
+            raise CacheConfigError(f"recent_lines must be >= 1 (the next line attends to the one above), got {recent}")
+        if self.anchor_lines < 0:
+            raise CacheConfigError(f"anchor_lines must be >= 0, got {self.anchor_lines}")
+        if lines < grid_h and recent + self.anchor_lines > lines:
+            raise CacheConfigError(
+                f"cache budget of {lines} line(s) is smaller than the protected lines "
+                f"({recent} recent + {self.anchor_lines} anchor)")
+        if self.pool < 1 or self.pool % 2 == 0:
+            raise CacheConfigError(f"pool must be an odd size >= 1, got {self.pool}")
+        scoring = {"linear": "line", "heavy_hitter": "cumulative", "window": None}[self.policy]
+        return CachePlan(self, grid_h, grid_w, budget_lines=lines, recent_lines=recent, scoring=scoring)
+
+    def with_overrides(self, **kw) -> "CacheSpec":
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """A validated spec bound to a grid: everything the cache needs to size itself."""
+    spec: CacheSpec
+    grid_h: int
+    grid_w: int
+    budget_lines: int
+    recent_lines: int
+    scoring: str | None  # None, "line" (reset every line: LineAR) or "cumulative" (H2O)
+
+    @property
+    def image_tokens(self) -> int:
+        return self.grid_h * self.grid_w
+
+    @property
+    def budget(self) -> int:
+        return self.budget_lines * self.grid_w
+
+    @property
+    def evicts(self) -> bool:
+        return self.budget_lines < self.grid_h
+
+    @property
+    def visual_capacity(self) -> int:
+        """Visual slots per (row, head): the budget plus the line being generated."""
+        return min(self.image_tokens, self.budget + self.grid_w)
+
+    def describe(self) -> str:
+        if not self.evicts:
+            return self.spec.policy if self.spec.policy == "full" else f"{self.spec.policy} (budget covers the image)"
+        return f"{self.spec.policy} {self.budget_lines}/{self.grid_h} lines ({self.budget} tokens)"

@@ -1,0 +1,100 @@
+"""Linear layers that may be split across a tensor-parallel group (Megatron style).
+
+A model built from these reads like the unsplit model; with `TPGroup()` (size 1)
+they are plain linears. Each layer knows the full checkpoint shape of its weight
+and reads only its own slice of it (`load_shard`), so a rank never holds the
+whole tensor set. The group's collectives are plain torch.distributed calls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# read(rows=slice|None, cols=slice|None) -> tensor: a slice of one checkpoint tensor.
+SliceReader = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    """This process's place in its tensor-parallel group."""
+    rank: int = 0
+    size: int = 1
+    group: Any = None  # torch.distributed ProcessGroup when size > 1
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            torch.distributed.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's x along the last dim, in rank order."""
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        torch.distributed.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+    def split(self, n: int, what: str) -> int:
+        if n % self.size:
+            raise ValueError(f"{what} ({n}) is not divisible by the tensor-parallel size {self.size}")
+        return n // self.size
+
+    def my_slice(self, n: int) -> slice:
+        per = n // self.size
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W's output rows split across ranks; gather_output concatenates the pieces."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TPGroup = TPGroup(), gather_output: bool = False):
+        super().__init__()
+        self.tp, self.gather_output = tp, gather_output
+        self.full_shape = (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(tp.split(out_features, "output features"), in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        return self.tp.all_gather_last(y) if self.gather_output else y
+
+    def load_shard(self, read: SliceReader) -> torch.Tensor:
+        return read(rows=self.tp.my_slice(self.full_shape[0]))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """The fused wqkv projection; each rank gets whole heads of q, k and v."""
+
+    def __init__(self, dim: int, n_head: int, n_kv_head: int, head_dim: int, tp: TPGroup = TPGroup()):
+        self.sections = (n_head * head_dim, n_kv_head * head_dim, n_kv_head * head_dim)
+        tp.split(n_head, "attention heads")
+        tp.split(n_kv_head, "key/value heads")
+        super().__init__(dim, sum(self.sections), tp)
+        self.local_sections = tuple(s // tp.size for s in self.sections)
+
+    def load_shard(self, read: SliceReader) -> torch.Tensor:
+        parts, start = [], 0
+        for size in self.sections:  # rows are [q; k; v], each split by heads
+            mine = self.tp.my_slice(size)
+            parts.append(read(rows=slice(start + mine.start, start + mine.stop)))
+            start += size
+        return torch.cat(parts)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W's input columns split across ranks, then summed over the group."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TPGroup = TPGroup()):
+        super().__init__()
+        self.tp = tp
+        self.full_shape = (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(out_features, tp.split(in_features, "input features")))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(F.linear(x, self.weight))
+
+    def load_shard(self, read: SliceReader) -> torch.Tensor:
+        return read(cols=self.tp.my_slice(self.full_shape[1]))

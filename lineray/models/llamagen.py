@@ -1,0 +1,194 @@
+"""The LlamaGen GPT (FoundationVision/LlamaGen autoregressive/models/gpt.py), for inference and training.
+
+Parameter names equal the published checkpoint keys. Projections are the small
+parallel layer classes of `layers.py`, so the same code builds a tensor-parallel
+shard when given a TPGroup of size > 1. Attention during generation goes through
+a KV cache object (lineray.cache.KVCache) whose policy the model does not know.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lineray.kernels.rope import apply_rope, rope_table_2d
+from lineray.models.config import GPTConfig
+from lineray.models.layers import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear, TPGroup
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, tp: TPGroup):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.n_head = cfg.n_head // tp.size  # local heads
+        self.n_kv_head = cfg.kv_heads // tp.size
+        self.wqkv = QKVParallelLinear(cfg.dim, cfg.n_head, cfg.kv_heads, cfg.head_dim, tp)
+        self.wo = RowParallelLinear(cfg.n_head * cfg.head_dim, cfg.dim, tp)
+
+    def forward(self, x, rope, cache=None, layer=0, mask=None):
+        b, s, _ = x.shape
+        q, k, v = self.wqkv(x).split(self.wqkv.local_sections, dim=-1)
+        q = apply_rope(q.view(b, s, self.n_head, self.head_dim), rope).transpose(1, 2)
+        k = apply_rope(k.view(b, s, self.n_kv_head, self.head_dim), rope).transpose(1, 2)
+        v = v.view(b, s, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.n_kv_head != self.n_head:  # grouped-query checkpoints; a no-op for LlamaGen
+            rep = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        else:
+            out = cache.attend(layer, q, k, v)
+        return self.wo(out.transpose(1, 2).reshape(b, s, self.n_head * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: GPTConfig, tp: TPGroup):
+        super().__init__()
+        self.w1 = ColumnParallelLinear(cfg.dim, cfg.ffn_hidden, tp)
+        self.w3 = ColumnParallelLinear(cfg.dim, cfg.ffn_hidden, tp)
+        self.w2 = RowParallelLinear(cfg.ffn_hidden, cfg.dim, tp)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: GPTConfig, tp: TPGroup):
+        super().__init__()
+        self.attention = Attention(cfg, tp)
+        self.feed_forward = FeedForward(cfg, tp)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x, rope, cache=None, layer=0, mask=None):
+        h = x + self.attention(self.attention_norm(x), rope, cache, layer, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> one condition token; row `num_classes` is the null class used by CFG."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(labels).unsqueeze(1)
+
+
+class CaptionMLP(nn.Module):
+    def __init__(self, in_features: int, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, dim, bias=False)
+        self.fc2 = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class CaptionEmbedder(nn.Module):
+    """Caption features [B, T, caption_dim] -> T condition tokens; `uncond_embedding` is the CFG null caption."""
+
+    def __init__(self, caption_dim: int, dim: int, token_num: int):
+        super().__init__()
+        self.cap_proj = CaptionMLP(caption_dim, dim)
+        self.uncond_embedding = nn.Parameter(torch.randn(token_num, caption_dim) / caption_dim ** 0.5,
+                                             requires_grad=False)
+
+    def forward(self, caption: torch.Tensor) -> torch.Tensor:
+        return self.cap_proj(caption)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: GPTConfig, tp: TPGroup = TPGroup()):
+        super().__init__()
+        self.config, self.tp = cfg, tp
+        if cfg.model_type == "c2i":
+            self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim)
+        else:
+            self.cls_embedding = CaptionEmbedder(cfg.caption_dim, cfg.dim, cfg.cls_token_num)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg, tp) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = ColumnParallelLinear(cfg.dim, cfg.vocab_size, tp, gather_output=True)  # vocab-parallel head
+        rope = rope_table_2d(cfg.grid_size, cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.cls_token_num)
+        self.register_buffer("rope", rope, persistent=False)
+
+    @property
+    def local_heads(self) -> int:
+        return self.config.n_head // self.tp.size
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> "Transformer":
+        """LlamaGen's initialisation (normal(0, 0.02), zero output head) for training from scratch."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name == "cls_embedding.uncond_embedding":
+                continue
+            else:
+                with torch.no_grad():
+                    p.normal_(0.0, std, generator=generator)
+        nn.init.zeros_(self.output.weight)
+        return self
+
+    # -- condition ----------------------------------------------------------
+    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """The CFG unconditional counterpart of a batch of conditions."""
+        if self.config.model_type == "c2i":
+            return torch.full_like(cond, self.config.num_classes)
+        return self.cls_embedding.uncond_embedding.to(cond.dtype).expand_as(cond)
+
+    def embed_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        emb = self.cls_embedding(cond)
+        return emb[:, :self.config.cls_token_num]
+
+    # -- whole-sequence pass (training, reference) ---------------------------
+    def forward(self, cond: torch.Tensor, tokens: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, N, V] predicting tokens[:, i] from the condition and tokens[:, :i].
+
+        tokens [B, N'] with N' <= N (the last one may be left out); key_mask [B, T] for t2i padding.
+        """
+        P = self.config.cls_token_num
+        h = torch.cat([self.embed_condition(cond), self.tok_embeddings(tokens)], dim=1)
+        L = h.size(1)
+        mask = None
+        if key_mask is not None:
+            allowed = torch.ones(L, L, dtype=torch.bool, device=h.device).tril()
+            keys = torch.ones(h.size(0), L, dtype=torch.bool, device=h.device)
+            keys[:, :P] = key_mask
+            mask = (allowed[None] & keys[:, None]) | torch.eye(L, dtype=torch.bool, device=h.device)[None]
+            mask = mask[:, None]
+        rope = self.rope[:L]
+        for layer in self.layers:
+            h = layer(h, rope, mask=mask)
+        return self.output(self.norm(h[:, P - 1:])).float()
+
+    # -- cached generation -----------------------------------------------------
+    def prefill(self, cond: torch.Tensor, cache) -> torch.Tensor:
+        """Run the condition tokens through the model into the cache; logits [rows, V] for image token 0."""
+        h = self.embed_condition(cond).to(self.tok_embeddings.weight.dtype)
+        return self._step(h, self.rope[:h.size(1)], cache)
+
+    def decode(self, tokens: torch.Tensor, index: int, cache) -> torch.Tensor:
+        """Feed image token `index` (one per row); logits [rows, V] for token index + 1."""
+        P = self.config.cls_token_num
+        h = self.tok_embeddings(tokens).unsqueeze(1)
+        return self._step(h, self.rope[P + index:P + index + 1], cache)
+
+    def _step(self, h, rope, cache) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, cache, i)
+        cache.advance(h.size(1))
+        return self.output(self.norm(h[:, -1])).float()

@@ -1,0 +1,123 @@
+"""Which model to run: a preset, its checkpoint and its image decoder, as one serialisable record.
+
+A ModelSpec travels to Ray workers (it is a small frozen dataclass), and each
+worker builds its own shard from it. The bundled digits model is the default.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from lineray.models.checkpoint import load_checkpoint
+from lineray.models.config import GPTConfig, preset
+from lineray.models.layers import TPGroup
+from lineray.models.llamagen import Transformer
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BUNDLED = "bundled"  # checkpoint / decoder value meaning "the files shipped in lineray/assets"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class ImageDecoder(Protocol):
+    """codes [B, h, w] -> images [B, 3, H, W] in [-1, 1]."""
+    codebook_size: int
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor: ...
+
+    def image_size(self, grid: int) -> int: ...
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    preset: str = "GPT-digits"
+    checkpoint: str | None = BUNDLED  # path, "bundled", or None (random weights, for tests and benchmarks)
+    decoder: str | None = BUNDLED  # VQ checkpoint path, "bundled" (the digits tokenizer) or None (random VQ)
+    grid_size: int | None = None  # image tokens per side; None = the preset's
+    model_type: str | None = None  # "c2i" / "t2i"; None = the preset's
+    dtype: str = "float32"
+    ema: bool = False
+    seed: int = 0  # initialisation seed when checkpoint is None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ModelSpec":
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown model setting(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def replace(self, **kw) -> "ModelSpec":
+        return replace(self, **kw)
+
+    @property
+    def is_bundled(self) -> bool:
+        return self.checkpoint == BUNDLED
+
+    def config(self) -> GPTConfig:
+        if self.is_bundled:
+            from lineray.models.digits import bundled_config
+            return bundled_config()
+        return preset(self.preset, grid_size=self.grid_size, model_type=self.model_type)
+
+    def checkpoint_path(self) -> Path | None:
+        if self.checkpoint is None:
+            return None
+        if self.is_bundled:
+            from lineray.models.digits import BUNDLED_GPT
+            return BUNDLED_GPT
+        return Path(self.checkpoint).expanduser()
+
+    def build_model(self, tp: TPGroup = TPGroup(), device: str | torch.device = "cpu") -> Transformer:
+        """The model (or this rank's shard of it) with its weights, in eval mode."""
+        dtype = parse_dtype(self.dtype)
+        model = Transformer(self.config(), tp)
+        path = self.checkpoint_path()
+        if path is None:
+            # Random weights (tests, benchmarks). Embeddings come first in parameter order, so
+            # they are the same for any tp; sharded weights are slices of one seeded full tensor.
+            model.init_weights(generator=torch.Generator().manual_seed(self.seed))
+            _init_shards_consistently(model, self.seed)
+        else:
+            load_checkpoint(model, path, ema=self.ema)
+        return model.to(device=device, dtype=dtype).eval()
+
+    def build_decoder(self, device: str | torch.device = "cpu") -> ImageDecoder:
+        if self.decoder == BUNDLED:
+            from lineray.models.digits import load_bundled_tokenizer
+            return load_bundled_tokenizer().to(device)
+        from lineray.models.vq import VQDecoder
+        vq = VQDecoder()
+        if self.decoder is None:
+            torch.manual_seed(self.seed)  # random decoder: shapes only, for benchmarks
+        else:
+            vq.load(Path(self.decoder).expanduser())
+        return vq.to(device).eval()
+
+
+def slice_2d(t: torch.Tensor, rows: slice | None, cols: slice | None) -> torch.Tensor:
+    return t[rows if rows is not None else slice(None), cols if cols is not None else slice(None)]
+
+
+def _init_shards_consistently(model: Transformer, seed: int) -> None:
+    """Give every sharded weight its slice of one seeded full tensor, so tp=N equals tp=1.
+
+    The output head gets random weights too (LlamaGen's zero init would make all logits equal).
+    """
+    for i, (_, mod) in enumerate(m for m in model.named_modules() if hasattr(m[1], "load_shard")):
+        gen = torch.Generator().manual_seed(seed * 100_003 + i + 1)
+        full = torch.empty(mod.full_shape).normal_(0, 0.02, generator=gen)
+        with torch.no_grad():
+            mod.weight.copy_(mod.load_shard(lambda rows=None, cols=None, full=full: slice_2d(full, rows, cols)))

@@ -1,0 +1,59 @@
+"""A model replica: something that turns a batch of conditions and seeds into image tokens.
+
+`make_replica` returns a LocalReplica (the model in this process) for tp=1 and a
+TPReplica (a placement group of Ray worker actors, one per rank) for tp>1. Both
+give the same tokens for the same seeds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lineray.cache import CacheSpec
+from lineray.kernels.sampling import SamplingConfig
+from lineray.models.generate import Condition, generate_tokens
+from lineray.models.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    cache: CacheSpec = field(default_factory=CacheSpec)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    tp: int = 1
+    device: str = "cpu"
+
+
+class LocalReplica:
+    """tp=1: the whole model in the calling process (a Ray Data actor, a script, the CLI)."""
+
+    def __init__(self, cfg: ReplicaConfig):
+        self.cfg = cfg
+        self.model = cfg.model.build_model(device=cfg.device)
+        self._cache = None  # reused while the batch size stays the same
+
+    @property
+    def model_config(self):
+        return self.model.config
+
+    def generate(self, cond: Condition, seeds: list[int], on_step=None) -> torch.Tensor:
+        rows = len(cond) * (2 if self.cfg.sampling.uses_cfg else 1)
+        cache = self._cache if self._cache is not None and self._cache.rows == rows else None
+        out = generate_tokens(self.model, cond, seeds, sampling=self.cfg.sampling,
+                              cache_spec=self.cfg.cache, cache=cache, on_step=on_step)
+        self._cache = out.cache
+        return out.tokens.cpu()
+
+    def memory(self):
+        return None if self._cache is None else self._cache.memory()
+
+    def shutdown(self) -> None:
+        self._cache = None
+
+
+def make_replica(cfg: ReplicaConfig):
+    if cfg.tp == 1:
+        return LocalReplica(cfg)
+    from lineray.workers.tp_replica import TPReplica
+    return TPReplica(cfg)
