@@ -57,10 +57,14 @@ class GPTConfig:
         return self.cls_token_num
 
     def valid_tp_sizes(self) -> list[int]:
-        """Tensor-parallel sizes that give every rank whole heads and an equal vocab slice."""
-        return [t for t in range(1, self.n_head + 1)
-                if self.n_head % t == 0 and self.kv_heads % t == 0 and self.vocab_size % t == 0
-                and self.ffn_hidden % t == 0]
+        """Tensor-parallel sizes that give every rank whole heads (FFN columns and vocab may split unevenly)."""
+        return [t for t in range(1, self.n_head + 1) if self.n_head % t == 0 and self.kv_heads % t == 0]
+
+    def check_tp(self, tp: int, name: str = "this model") -> None:
+        if tp not in self.valid_tp_sizes():
+            raise ValueError(f"tp={tp} does not fit {name}: its {self.n_head} attention heads must split evenly "
+                             f"across ranks; valid tensor-parallel sizes are "
+                             f"{', '.join(map(str, self.valid_tp_sizes()))}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -30,21 +30,33 @@ class TPGroup:
             torch.distributed.all_reduce(x, group=self.group)
         return x
 
-    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
-        """Concatenate every rank's x along the last dim, in rank order."""
+    def all_gather_last(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """Concatenate every rank's part (`part(n)`) of x along the last dim, in rank order."""
         if self.size == 1:
             return x
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        torch.distributed.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=-1)
+        width = -(-n // self.size)  # collectives want equal sizes: pad the shorter parts
+        padded = F.pad(x, (0, width - x.size(-1))).contiguous()
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        torch.distributed.all_gather(parts, padded, group=self.group)
+        sizes = [self.part(n, r).stop - self.part(n, r).start for r in range(self.size)]
+        return torch.cat([p[..., :k] for p, k in zip(parts, sizes)], dim=-1)
 
     def split(self, n: int, what: str) -> int:
+        """Exact split (attention heads must not be cut)."""
         if n % self.size:
             raise ValueError(f"{what} ({n}) is not divisible by the tensor-parallel size {self.size}")
         return n // self.size
 
+    def part(self, n: int, rank: int | None = None) -> slice:
+        """This rank's contiguous share of n items; near-equal when n is not divisible."""
+        rank = self.rank if rank is None else rank
+        base, extra = divmod(n, self.size)
+        start = rank * base + min(rank, extra)
+        return slice(start, start + base + (rank < extra))
+
     def my_slice(self, n: int) -> slice:
-        per = n // self.size
+        """Exact share of n items (n divisible by size): used for heads."""
+        per = self.split(n, "dimension")
         return slice(self.rank * per, (self.rank + 1) * per)
 
 
@@ -55,25 +67,29 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         self.tp, self.gather_output = tp, gather_output
         self.full_shape = (out_features, in_features)
-        self.weight = nn.Parameter(torch.empty(tp.split(out_features, "output features"), in_features))
+        rows = tp.part(out_features)
+        self.weight = nn.Parameter(torch.empty(rows.stop - rows.start, in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
-        return self.tp.all_gather_last(y) if self.gather_output else y
+        return self.tp.all_gather_last(y, self.full_shape[0]) if self.gather_output else y
 
     def load_shard(self, read: SliceReader) -> torch.Tensor:
-        return read(rows=self.tp.my_slice(self.full_shape[0]))
+        return read(rows=self.tp.part(self.full_shape[0]))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
     """The fused wqkv projection; each rank gets whole heads of q, k and v."""
 
     def __init__(self, dim: int, n_head: int, n_kv_head: int, head_dim: int, tp: TPGroup = TPGroup()):
+        nn.Module.__init__(self)
+        self.tp, self.gather_output = tp, False
         self.sections = (n_head * head_dim, n_kv_head * head_dim, n_kv_head * head_dim)
-        tp.split(n_head, "attention heads")
-        tp.split(n_kv_head, "key/value heads")
-        super().__init__(dim, sum(self.sections), tp)
-        self.local_sections = tuple(s // tp.size for s in self.sections)
+        self.local_sections = (tp.split(n_head, "attention heads") * head_dim,
+                               tp.split(n_kv_head, "key/value heads") * head_dim,
+                               n_kv_head // tp.size * head_dim)
+        self.full_shape = (sum(self.sections), dim)
+        self.weight = nn.Parameter(torch.empty(sum(self.local_sections), dim))
 
     def load_shard(self, read: SliceReader) -> torch.Tensor:
         parts, start = [], 0
@@ -91,10 +107,11 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.tp = tp
         self.full_shape = (out_features, in_features)
-        self.weight = nn.Parameter(torch.empty(out_features, tp.split(in_features, "input features")))
+        cols = tp.part(in_features)
+        self.weight = nn.Parameter(torch.empty(out_features, cols.stop - cols.start))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tp.all_reduce(F.linear(x, self.weight))
 
     def load_shard(self, read: SliceReader) -> torch.Tensor:
-        return read(cols=self.tp.my_slice(self.full_shape[1]))
+        return read(cols=self.tp.part(self.full_shape[1]))

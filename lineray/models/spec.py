@@ -5,7 +5,7 @@ worker builds its own shard from it. The bundled digits model is the default.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -47,6 +47,8 @@ class ModelSpec:
     dtype: str = "float32"
     ema: bool = False
     seed: int = 0  # initialisation seed when checkpoint is None
+    # VQConfig fields for a non-default VQ decoder shape (e.g. a small random one in tests); None = VQ-16
+    vq_config: dict | None = field(default=None, hash=False)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,12 +100,15 @@ class ModelSpec:
         if self.decoder == BUNDLED:
             from lineray.models.digits import load_bundled_tokenizer
             return load_bundled_tokenizer().to(device)
-        from lineray.models.vq import VQDecoder
-        vq = VQDecoder()
+        from lineray.models.vq import VQConfig, VQDecoder
+        shape = VQConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in (self.vq_config or {}).items()})
         if self.decoder is None:
-            torch.manual_seed(self.seed)  # random decoder: shapes only, for benchmarks
+            # Random decoder (tests, benchmarks): seeded, so every process builds the same one.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                vq = VQDecoder(shape)
         else:
-            vq.load(Path(self.decoder).expanduser())
+            vq = VQDecoder(shape).load(Path(self.decoder).expanduser())
         return vq.to(device).eval()
 
 

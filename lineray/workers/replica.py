@@ -37,10 +37,13 @@ class LocalReplica:
     def model_config(self):
         return self.model.config
 
-    def generate(self, cond: Condition, seeds: list[int], on_step=None) -> torch.Tensor:
-        rows = len(cond) * (2 if self.cfg.sampling.uses_cfg else 1)
+    def generate(self, cond: Condition, seeds: list[int], on_step=None,
+                 sampling: SamplingConfig | None = None) -> torch.Tensor:
+        """Tokens [B, N] on CPU. `sampling` overrides the replica's for this batch (e.g. a per-prompt cfg scale)."""
+        sampling = sampling or self.cfg.sampling
+        rows = len(cond) * (2 if sampling.uses_cfg else 1)
         cache = self._cache if self._cache is not None and self._cache.rows == rows else None
-        out = generate_tokens(self.model, cond, seeds, sampling=self.cfg.sampling,
+        out = generate_tokens(self.model, cond, seeds, sampling=sampling,
                               cache_spec=self.cfg.cache, cache=cache, on_step=on_step)
         self._cache = out.cache
         return out.tokens.cpu()

@@ -1,0 +1,36 @@
+# lineray: one-command setup, demo and tests. Everything installs into ./.venv.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup demo sample test bench clean
+
+# torch first, pinned: on this CPU machine 2.13.0 comes from local disk in seconds, while an
+# unpinned torch (or a package that pulls it first) downloads a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# A real batch job on the embedded default: private local Ray, the bundled digits model,
+# the bundled sample prompts -> a Parquet image dataset + PNGs + a contact sheet in out/demo.
+demo: setup
+	$(BIN)/lineray generate configs/jobs/default.yaml --output out/demo --export-pngs
+
+# Ten digits in this process, no Ray: out/samples/*.png and out/samples/contact_sheet.png.
+sample: setup
+	$(BIN)/lineray sample --out out/samples
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/decode_throughput.py --suite engine
+	$(BIN)/python benchmarks/decode_throughput.py --suite cache
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

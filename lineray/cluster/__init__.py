@@ -1,0 +1,1 @@
+"""Ray start/connect, placement groups, job submission, KubeRay manifests."""

@@ -1,0 +1,27 @@
+import os
+
+import pytest
+import torch
+
+from lineray.models.config import preset
+from lineray.models.llamagen import Transformer
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def tiny_model(grid: int = 8, model_type: str = "c2i", seed: int = 0, **overrides) -> Transformer:
+    """A GPT-tiny with random weights (including a non-zero output head), fp32, eval mode."""
+    kw = dict(grid_size=grid, model_type=model_type, **overrides)
+    if model_type == "t2i":
+        kw.setdefault("caption_dim", 32)
+        kw.setdefault("cls_token_num", 12)
+    model = Transformer(preset("GPT-tiny", **kw)).init_weights(generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        model.output.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed + 1))
+    return model.eval()
+
+
+@pytest.fixture
+def make_tiny():
+    return tiny_model

@@ -1,0 +1,171 @@
+"""Checkpoint loading: LlamaGen key layout, wrappers, safetensors, strictness, slices, VQ decoder."""
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lineray.kernels.sampling import SamplingConfig
+from lineray.models.checkpoint import CheckpointError, CheckpointReader, load_checkpoint
+from lineray.models.generate import Condition, generate_tokens
+from lineray.models.layers import TPGroup
+from lineray.models.llamagen import Transformer
+from lineray.models.vq import VQConfig, VQDecoder
+from conftest import tiny_model
+
+
+def logits_of(model):
+    return generate_tokens(model, Condition.classes([3, 4]), [5, 6], sampling=SamplingConfig(cfg_scale=2.0),
+                           return_logits=True).logits
+
+
+def fresh(model):
+    return Transformer(model.config).eval()
+
+
+@pytest.mark.parametrize("wrap", ["model", "module", "state_dict", "bare", "ema", "safetensors", "prefixed"])
+def test_llamagen_layout_roundtrip(tmp_path, wrap):
+    src = tiny_model(8)
+    sd = src.state_dict()
+    assert "layers.1.attention.wqkv.weight" in sd and "cls_embedding.embedding_table.weight" in sd
+    path = tmp_path / ("w.safetensors" if wrap == "safetensors" else "w.pt")
+    if wrap == "safetensors":
+        save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    elif wrap == "bare":
+        torch.save(sd, path)
+    elif wrap == "ema":
+        torch.save({"model": {k: torch.zeros_like(v) for k, v in sd.items()}, "ema": sd, "steps": 10}, path)
+    elif wrap == "prefixed":  # DDP + torch.compile names, plus buffers LlamaGen may persist
+        torch.save({"model": {**{f"module._orig_mod.{k}": v for k, v in sd.items()},
+                              "freqs_cis": torch.zeros(3)}}, path)
+    else:
+        torch.save({wrap: sd, "optimizer": {"step": 3}}, path)
+    dst = fresh(src)
+    load_checkpoint(dst, path, ema=wrap == "ema")
+    torch.testing.assert_close(logits_of(dst), logits_of(src), atol=0, rtol=0)
+
+
+def write(tmp_path, sd):
+    path = tmp_path / "bad.pt"
+    torch.save({"model": sd}, path)
+    return path
+
+
+def test_missing_key_is_named(tmp_path):
+    src = tiny_model(8)
+    sd = src.state_dict()
+    del sd["layers.1.feed_forward.w3.weight"]
+    with pytest.raises(CheckpointError, match=r"missing keys: layers\.1\.feed_forward\.w3\.weight"):
+        load_checkpoint(fresh(src), write(tmp_path, sd))
+
+
+def test_unexpected_key_is_named(tmp_path):
+    src = tiny_model(8)
+    sd = src.state_dict() | {"layers.9.attention.wqkv.weight": torch.zeros(3)}
+    with pytest.raises(CheckpointError, match=r"unexpected keys: layers\.9\.attention\.wqkv\.weight"):
+        load_checkpoint(fresh(src), write(tmp_path, sd))
+
+
+def test_wrong_shape_is_named(tmp_path):
+    src = tiny_model(8)
+    sd = src.state_dict()
+    sd["norm.weight"] = torch.ones(7)
+    with pytest.raises(CheckpointError, match=r"shape mismatch: norm\.weight \(checkpoint \[7\], model \[64\]\)"):
+        load_checkpoint(fresh(src), write(tmp_path, sd))
+
+
+def test_unreadable_paths_fail_in_one_line(tmp_path):
+    model = tiny_model(8)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_checkpoint(model, tmp_path / "nope.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint") as e:
+        load_checkpoint(model, junk)
+    assert "\n" not in str(e.value)
+    bad_st = tmp_path / "junk.safetensors"
+    bad_st.write_bytes(b"\x00" * 20)
+    with pytest.raises(CheckpointError, match="not a valid safetensors"):
+        load_checkpoint(model, bad_st)
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_arbitrary_pickles_are_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"model": Payload()}, f)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(tiny_model(8), path)
+    assert "must never run" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_a_rank_loads_only_its_slice(tmp_path, fmt):
+    src = tiny_model(8)
+    sd = src.state_dict()
+    path = tmp_path / f"w.{fmt}"
+    save_file(sd, path) if fmt == "safetensors" else torch.save({"model": sd}, path)
+    shard = Transformer(src.config, TPGroup(rank=1, size=2))
+    load_checkpoint(shard, path)
+    d, hd = src.config.dim, src.config.head_dim
+    half = d // 2
+    wqkv = sd["layers.0.attention.wqkv.weight"]
+    want = torch.cat([wqkv[half:d], wqkv[d + half:2 * d], wqkv[2 * d + half:]])
+    assert torch.equal(shard.layers[0].attention.wqkv.weight, want)
+    assert torch.equal(shard.layers[0].attention.wo.weight, sd["layers.0.attention.wo.weight"][:, half:])
+    hidden = src.config.ffn_hidden
+    assert torch.equal(shard.layers[0].feed_forward.w1.weight, sd["layers.0.feed_forward.w1.weight"][hidden // 2:])
+    assert torch.equal(shard.output.weight, sd["output.weight"][src.config.vocab_size // 2:])
+    assert shard.local_heads == 2 and hd * 2 == half
+
+
+def test_uneven_vocab_split_covers_every_row():
+    tp = [TPGroup(rank=r, size=3) for r in range(3)]
+    parts = [t.part(10) for t in tp]
+    assert [(p.start, p.stop) for p in parts] == [(0, 4), (4, 7), (7, 10)]
+
+
+def test_reader_reads_slices_without_the_rest(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.arange(12.0).view(4, 3)}, path)
+    r = CheckpointReader(path)
+    assert r.shape("a") == (4, 3)
+    assert torch.equal(r.read("a", rows=slice(1, 3)), torch.tensor([[3.0, 4, 5], [6, 7, 8]]))
+    assert torch.equal(r.read("a", cols=slice(2, 3)), torch.tensor([[2.0], [5], [8], [11]]))
+
+
+SMALL_VQ = VQConfig(codebook_size=64, ch=32, z_channels=64)
+
+
+def test_vq_decoder_published_layout_and_encoder_keys_skipped(tmp_path):
+    torch.manual_seed(0)
+    src = VQDecoder(SMALL_VQ).eval()
+    sd = src.state_dict()
+    for key in ["quantize.embedding.weight", "post_quant_conv.weight", "decoder.conv_in.weight",
+                "decoder.mid.0.norm1.weight", "decoder.mid.1.q.weight", "decoder.conv_blocks.0.res.0.conv1.weight",
+                "decoder.conv_blocks.0.attn.2.proj_out.weight", "decoder.conv_blocks.0.upsample.conv.weight",
+                "decoder.conv_blocks.4.res.2.conv2.weight", "decoder.norm_out.weight", "decoder.conv_out.weight"]:
+        assert key in sd, key
+    assert "decoder.conv_blocks.4.upsample.conv.weight" not in sd
+    published = {**sd, "encoder.conv_in.weight": torch.zeros(1), "quant_conv.weight": torch.zeros(1),
+                 "quantize.codebook_used": torch.zeros(65536)}
+    path = tmp_path / "vq_ds16_c2i.pt"
+    torch.save({"model": published}, path)
+    dst = VQDecoder(SMALL_VQ).load(path).eval()
+    codes = torch.randint(0, 64, (2, 4, 4))
+    out = dst.decode_codes(codes)
+    assert out.shape == (2, 3, 64, 64) and out.min() >= -1 and out.max() <= 1
+    torch.testing.assert_close(out, src.decode_codes(codes))
+
+
+def test_vq_decoder_default_is_vq16_shape():
+    cfg = VQConfig()
+    assert (cfg.codebook_size, cfg.codebook_embed_dim, cfg.z_channels, cfg.downsample) == (16384, 8, 256, 16)
+    with torch.device("meta"):
+        vq = VQDecoder(cfg)
+    assert vq.decoder.conv_in.weight.shape == (512, 256, 3, 3)
+    assert vq.image_size(24) == 384

@@ -1,0 +1,116 @@
+"""Generation: per-image seeds, sampling filters, CFG interval, dtypes, and clear errors."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lineray.kernels.sampling import SamplingConfig, guided_logits, image_uniforms, sample
+from lineray.models.generate import Condition, GenerationError, generate_tokens
+from conftest import tiny_model
+
+SAMPLING = SamplingConfig(cfg_scale=2.5, temperature=1.0, top_k=40, top_p=0.95)
+
+
+def test_same_seed_same_image_regardless_of_batch_and_position():
+    model = tiny_model(8)
+    alone = generate_tokens(model, Condition.classes([7]), [1234], sampling=SAMPLING).tokens[0]
+    for labels, seeds, where in [([1, 7, 3], [5, 1234, 9], 1), ([7, 7], [1234, 77], 0),
+                                 ([2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 1234], 5)]:
+        out = generate_tokens(model, Condition.classes(labels), seeds, sampling=SAMPLING).tokens
+        assert torch.equal(out[where], alone)
+    other = generate_tokens(model, Condition.classes([7]), [1235], sampling=SAMPLING).tokens[0]
+    assert not torch.equal(other, alone)
+
+
+def test_uniforms_depend_only_on_their_seed():
+    a = image_uniforms([3, 4], 50)
+    b = image_uniforms([9, 4, 3], 50)
+    assert torch.equal(a[0], b[2]) and torch.equal(a[1], b[1])
+    assert a.min() >= 0 and a.max() < 1
+
+
+def test_top_k_and_top_p_restrict_the_choice():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.1, 0.06, 0.04]])).repeat(2000, 1)
+    u = torch.rand(2000, generator=torch.Generator().manual_seed(0))
+    top2 = sample(logits, u, SamplingConfig(top_k=2))
+    assert set(top2.tolist()) == {0, 1}
+    nucleus = sample(logits, u, SamplingConfig(top_p=0.85))  # 0.5 + 0.3 < 0.85 -> the third token stays in
+    assert set(nucleus.tolist()) == {0, 1, 2}
+    assert set(sample(logits, u, SamplingConfig(temperature=0)).tolist()) == {0}
+    free = sample(logits, u, SamplingConfig())
+    freq = torch.bincount(free, minlength=5).float() / 2000
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.1, 0.06, 0.04]), atol=0.04, rtol=0)
+
+
+def test_cfg_formula_and_interval():
+    logits = torch.tensor([[1.0, 2.0], [0.0, 4.0]])  # [cond; uncond] for one image
+    cfg = SamplingConfig(cfg_scale=3.0, cfg_interval=5)
+    assert torch.equal(guided_logits(logits, 1, 0, cfg), torch.tensor([[3.0, -2.0]]))
+    assert torch.equal(guided_logits(logits, 1, 6, cfg), torch.tensor([[1.0, 2.0]]))  # past the interval: cond only
+
+
+def test_bfloat16_generation_tracks_fp32():
+    model = tiny_model(8)
+    s = SamplingConfig(cfg_scale=2.0)
+    teacher = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    ref = generate_tokens(model, Condition.classes([1, 2]), sampling=s, teacher_tokens=teacher, return_logits=True)
+    bf = generate_tokens(model.to(torch.bfloat16), Condition.classes([1, 2]), sampling=s, teacher_tokens=teacher,
+                         return_logits=True)
+    assert bf.cache.k.dtype == torch.bfloat16
+    assert (bf.logits.argmax(-1) == ref.logits.argmax(-1)).float().mean() > 0.9
+    assert (bf.logits - ref.logits).abs().mean() < 0.05 * ref.logits.abs().mean() + 0.05
+
+
+@pytest.mark.parametrize("labels,seeds,message", [
+    ([10], [1], "class id 10 is out of range: this model has 10 classes"),
+    ([-1], [1], "class id -1 is out of range"),
+    ([], [], "no prompts given"),
+    ([1, 2], [1], "need one seed per image"),
+])
+def test_bad_generation_input_is_refused(labels, seeds, message):
+    with pytest.raises(GenerationError, match=message):
+        generate_tokens(tiny_model(4), Condition.classes(labels), seeds)
+
+
+def test_sampling_settings_are_checked():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(top_p=0)
+    with pytest.raises(ValueError, match="cfg_scale"):
+        SamplingConfig(cfg_scale=0.5)
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "lineray.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+RANDOM_TINY = ["--model", "GPT-tiny", "--checkpoint", "random", "--vq", "random", "--grid-size", "2"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (RANDOM_TINY + ["--classes", "3,1000"], "class id 1000 is out of range"),
+    (RANDOM_TINY + ["--classes", ""], "no prompts given"),
+    (["--model", "GPT-B", "--checkpoint", "/no/such/c2i_B_256.pt", "--vq", "random"],
+     "checkpoint not found: /no/such/c2i_B_256.pt"),
+    (RANDOM_TINY + ["--cache", "linear", "--rho", "0"], "rho must be in (0, 1]"),
+    (RANDOM_TINY + ["--tp", "3"], "tp=3 does not fit GPT-tiny: its 4 attention heads must split evenly "
+                                  "across ranks; valid tensor-parallel sizes are 1, 2, 4"),
+])
+def test_cli_errors_are_one_line(args, message):
+    r = run_cli("sample", *args, "--out", "/tmp/lineray-cli-test-unused")
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("lineray: error:") and message in last, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_sample_writes_pngs_and_contact_sheet(tmp_path):
+    from PIL import Image
+    r = run_cli("sample", *RANDOM_TINY, "--classes", "1,2,3", "--count", "2", "--cache", "linear",
+                "--cache-lines", "1", "--cfg-scale", "2", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    pngs = sorted(p.name for p in tmp_path.glob("0*.png"))
+    assert pngs == [f"{i:04d}_class{c}.png" for i, c in enumerate([1, 1, 2, 2, 3, 3])]
+    assert Image.open(tmp_path / "0000_class1.png").size == (32, 32)
+    assert Image.open(tmp_path / "contact_sheet.png").size[0] > 96
