@@ -218,3 +218,38 @@ def test_yaml_style_spec_and_budget_rounding():
         CacheSpec.from_dict({"policy": "linear", "ratio": 0.2})
     with pytest.raises(CacheConfigError, match="fraction like 1/6"):
         CacheSpec.from_dict({"policy": "linear", "rho": "one sixth"})
+
+
+# -- memory-aware batch sizing -------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["GPT-B", "GPT-XL", "GPT-3B", "GPT-tiny"])
+def test_param_count_matches_the_model(name):
+    from lineray.models.config import preset
+    from lineray.models.llamagen import Transformer
+    from lineray.models.sizing import param_count
+    for mt in ("c2i", "t2i"):
+        cfg = preset(name, model_type=mt)
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        assert param_count(cfg) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("spec", [CacheSpec(), CacheSpec("linear", rho=1 / 6), CacheSpec("window", lines=2)])
+def test_planned_kv_bytes_equal_the_allocated_cache(spec):
+    from lineray.models.generate import new_cache
+    from lineray.models.sizing import memory_plan
+    model = tiny_model(24)
+    cache = new_cache(model, spec, rows=2 * 3, use_cfg=True)
+    plan = memory_plan(model.config, spec, torch.float32)
+    assert plan.kv_bytes_per_image * 3 == cache.memory().kv_bytes
+    assert plan.meta_bytes_per_image * 3 == cache.memory().meta_bytes
+
+
+def test_largest_batch_under_a_cap_grows_with_compression():
+    from lineray.models.config import preset
+    from lineray.models.sizing import largest_batch, memory_plan
+    cfg = preset("GPT-XL", grid_size=24)
+    cap = memory_plan(cfg, CacheSpec()).weights_bytes + 8 * 2**30  # 8 GiB beside the bf16 weights
+    full = largest_batch(cfg, CacheSpec(), cap)
+    lin = largest_batch(cfg, CacheSpec("linear", rho=1 / 6), cap)
+    assert full > 0 and lin >= 4 * full
+    assert largest_batch(cfg, CacheSpec(), memory_plan(cfg, CacheSpec()).weights_bytes) == 0

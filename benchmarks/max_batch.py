@@ -1,0 +1,76 @@
+"""The largest batch that fits a memory cap, per cache policy.
+
+    python benchmarks/max_batch.py [--kv-cap-gib 8] [--device-gib 80] [--grid 24] [--verify]
+
+K/V memory is static and preallocated, so it is exact arithmetic (checked against a
+real allocation with --verify). Two caps: a pure K/V cap (the issue's "8 GiB of K/V")
+and a whole-device budget (weights + K/V + per-step activations), the latter being
+what jobs use to pick their default batch size.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, print_table, write_csv  # noqa: E402
+
+from lineray.cache import CacheSpec  # noqa: E402
+from lineray.models.config import preset  # noqa: E402
+from lineray.models.sizing import memory_plan  # noqa: E402
+
+POLICIES = ["full", "linear:1/4", "linear:1/6", "linear:1/8", "window:1/6", "heavy_hitter:1/6"]
+
+
+def spec(policy: str) -> CacheSpec:
+    name, _, rho = policy.partition(":")
+    return CacheSpec.from_dict({"policy": name, "rho": rho} if rho else {"policy": name})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", default="GPT-B,GPT-XL,GPT-3B")
+    ap.add_argument("--grid", type=int, default=24)
+    ap.add_argument("--kv-cap-gib", type=float, default=8.0)
+    ap.add_argument("--device-gib", type=float, default=80.0)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--verify", action="store_true", help="allocate GPT-B caches and compare with the plan")
+    ap.add_argument("--csv", default=str(Path(__file__).parent / "results" / "max_batch.csv"))
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    print(f"machine: {machine()}")
+    print(f"settings: grid {args.grid}x{args.grid}, {args.dtype}, CFG (2 rows per image), "
+          f"K/V cap {args.kv_cap_gib} GiB, device budget {args.device_gib} GiB")
+    rows = []
+    for name in args.presets.split(","):
+        cfg = preset(name, grid_size=args.grid)
+        base = None
+        for policy in POLICIES:
+            plan = memory_plan(cfg, spec(policy), dtype)
+            kv_cap_batch = int(args.kv_cap_gib * 2**30 // plan.kv_bytes_per_image)
+            device_batch = plan.max_batch(int(args.device_gib * 2**30))
+            base = base or (kv_cap_batch, device_batch)
+            rows.append(dict(preset=name, policy=policy, kv_mib_per_image=plan.kv_bytes_per_image / 2**20,
+                             max_batch_kv_cap=kv_cap_batch, vs_full=kv_cap_batch / base[0],
+                             max_batch_device=device_batch, device_vs_full=device_batch / max(1, base[1])))
+    print_table(rows, list(rows[0]), title="largest batch per policy")
+    if args.verify:
+        from lineray.models.generate import new_cache
+        from lineray.models.spec import ModelSpec
+        model = ModelSpec(preset="GPT-B", checkpoint=None, decoder=None, grid_size=args.grid,
+                          dtype=args.dtype).build_model()
+        for policy in POLICIES:
+            cache = new_cache(model, spec(policy), rows=2 * 4, use_cfg=True)
+            want = memory_plan(model.config, spec(policy), dtype).kv_bytes_per_image * 4
+            got = cache.memory().kv_bytes
+            print(f"verify GPT-B {policy}: allocated {got / 2**20:.1f} MiB for 4 images, planned {want / 2**20:.1f} MiB "
+                  f"{'OK' if got == want else 'MISMATCH'}")
+            del cache
+    print(f"\nwrote {write_csv(rows, args.csv)}")
+
+
+if __name__ == "__main__":
+    main()
