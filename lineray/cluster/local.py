@@ -27,12 +27,26 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return False
+    bind_ray_to_loopback()
     # A short temp dir: Ray's socket paths must stay under the 107-byte AF_UNIX limit.
     temp_dir = temp_dir or tempfile.mkdtemp(prefix="lineray-ray-", dir="/tmp")
     ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
              object_store_memory=object_store_mb * 2**20, _temp_dir=temp_dir,
              _node_ip_address="127.0.0.1", runtime_env=runtime_env, log_to_driver=True)
     return True
+
+
+def bind_ray_to_loopback() -> None:
+    """Make a private local Ray listen on 127.0.0.1 only.
+
+    On Linux, Ray 2.60 maps 127.0.0.1 back to the machine's external address and its
+    gRPC servers listen on every interface, unless multi-node "clusters" are off; a
+    private Ray is one node by definition. Ray reads the variable at import, so the
+    already-imported constant is switched off too.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray._private.ray_constants as ray_constants
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 @contextmanager
