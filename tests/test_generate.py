@@ -114,3 +114,13 @@ def test_cli_sample_writes_pngs_and_contact_sheet(tmp_path):
     assert pngs == [f"{i:04d}_class{c}.png" for i, c in enumerate([1, 1, 2, 2, 3, 3])]
     assert Image.open(tmp_path / "0000_class1.png").size == (32, 32)
     assert Image.open(tmp_path / "contact_sheet.png").size[0] > 96
+
+
+def test_cli_sample_tp2_matches_tp1(tmp_path):
+    """`lineray sample --tp 2` starts a private Ray, splits the model over two gloo ranks, same images."""
+    common = ["sample", *RANDOM_TINY, "--classes", "4,5", "--cfg-scale", "2"]
+    one = run_cli(*common, "--out", str(tmp_path / "tp1"))
+    two = run_cli(*common, "--tp", "2", "--out", str(tmp_path / "tp2"), timeout=240)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    for name in ("0000_class4.png", "0001_class5.png"):
+        assert (tmp_path / "tp1" / name).read_bytes() == (tmp_path / "tp2" / name).read_bytes()
