@@ -19,7 +19,8 @@ setup: $(VENV)/.installed
 # A real batch job on the embedded default: private local Ray, the bundled digits model,
 # the bundled sample prompts -> a Parquet image dataset + PNGs + a contact sheet in out/demo.
 demo: setup
-	$(BIN)/lineray generate configs/jobs/default.yaml --output out/demo --export-pngs
+	$(BIN)/lineray generate configs/jobs/digits.yaml --output out/demo
+	$(BIN)/lineray export out/demo --out out/demo/png
 
 # Ten digits in this process, no Ray: out/samples/*.png and out/samples/contact_sheet.png.
 sample: setup

@@ -60,6 +60,7 @@ def run_case(case: dict) -> dict:
     t0 = time.perf_counter()
     fn()
     dt = time.perf_counter() - t0
+    print(f"case done in {dt:.1f}s", file=sys.stderr)
     n_tok = model.config.image_tokens
     return dict(tokens_per_s=n_img * n_tok / dt, images_per_s=n_img / dt, seconds=dt, step_ms=dt / n_tok * 1e3,
                 kv_mib=None if kv_bytes is None else kv_bytes / 2**20, peak_rss_mib=peak_rss_mib())

@@ -20,6 +20,8 @@ SUBCOMMANDS = {
                  "run a batch job (prompts file -> Parquet image dataset) on Ray"),
     "submit": ("lineray.pipelines.cli", "add_submit_arguments", "run_submit",
                "submit a batch job to a remote Ray cluster (JobSubmissionClient)"),
+    "export": ("lineray.pipelines.export", "add_arguments", "run",
+               "write a job's images as PNG files plus a contact sheet"),
     "eval": ("lineray.quality.evaluate", "add_arguments", "run",
              "evaluate cache policies on the bundled model (NLL, KL, agreement, FD, class accuracy)"),
     "presets": ("lineray.cli", "add_presets_arguments", "run_presets",
@@ -34,7 +36,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint", help="GPT checkpoint (.pt/.pth/.safetensors); 'random' for random weights")
     g.add_argument("--vq", help="VQ-16 tokenizer checkpoint (vq_ds16_c2i.pt); 'random' for a random decoder")
     g.add_argument("--grid-size", type=int, help="image tokens per side (16 for 256px, 24 for 384px)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default float32)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"],
+                   help="compute dtype (default float32; auto = bfloat16 where the hardware has it)")
     g.add_argument("--ema", action="store_true", default=None, help="load the checkpoint's EMA weights")
 
 

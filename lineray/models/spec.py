@@ -31,10 +31,34 @@ class ImageDecoder(Protocol):
     def image_size(self, grid: int) -> int: ...
 
 
-def parse_dtype(name: str) -> torch.dtype:
+def parse_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dtype by name; "auto" is bfloat16 where the hardware computes in it, else float32."""
+    if name == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+        raise ValueError(f"unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def native_bf16(device: str | torch.device = "cpu") -> bool:
+    """True on CUDA GPUs with bf16 and on CPUs with AVX512-BF16 or AMX; elsewhere bf16 is emulated
+    and slower than fp32 (measured here: 3-4x slower linears on an AVX2-only CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX") or _cpu_flags() & {"avx512_bf16", "amx_bf16"} != set()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 @dataclass(frozen=True)
@@ -44,7 +68,7 @@ class ModelSpec:
     decoder: str | None = BUNDLED  # VQ checkpoint path, "bundled" (the digits tokenizer) or None (random VQ)
     grid_size: int | None = None  # image tokens per side; None = the preset's
     model_type: str | None = None  # "c2i" / "t2i"; None = the preset's
-    dtype: str = "float32"
+    dtype: str = "float32"  # or bfloat16, float16, auto (bf16 where the hardware has it)
     ema: bool = False
     seed: int = 0  # initialisation seed when checkpoint is None
     # VQConfig fields for a non-default VQ decoder shape (e.g. a small random one in tests); None = VQ-16
@@ -84,7 +108,7 @@ class ModelSpec:
 
     def build_model(self, tp: TPGroup = TPGroup(), device: str | torch.device = "cpu") -> Transformer:
         """The model (or this rank's shard of it) with its weights, in eval mode."""
-        dtype = parse_dtype(self.dtype)
+        dtype = parse_dtype(self.dtype, device)
         model = Transformer(self.config(), tp)
         path = self.checkpoint_path()
         if path is None:
