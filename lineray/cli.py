@@ -22,7 +22,7 @@ SUBCOMMANDS = {
                "submit a batch job to a remote Ray cluster (JobSubmissionClient)"),
     "export": ("lineray.pipelines.export", "add_arguments", "run",
                "write a job's images as PNG files plus a contact sheet"),
-    "eval": ("lineray.quality.evaluate", "add_arguments", "run",
+    "eval": ("lineray.quality", "add_arguments", "run",
              "evaluate cache policies on the bundled model (NLL, KL, agreement, FD, class accuracy)"),
     "presets": ("lineray.cli", "add_presets_arguments", "run_presets",
                 "list model presets with their shapes and valid tensor-parallel sizes"),

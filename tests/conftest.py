@@ -7,7 +7,7 @@ from lineray.models.config import preset
 from lineray.models.llamagen import Transformer
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)  # 2 cores shared with Ray workers and subprocesses: oversubscription is far slower
 
 
 def tiny_model(grid: int = 8, model_type: str = "c2i", seed: int = 0, **overrides) -> Transformer:

@@ -1,0 +1,66 @@
+"""The small real model lineray ships: a class-conditional LlamaGen GPT trained on scikit-learn's digits.
+
+Files live in lineray/assets/digits (safetensors + JSON, a few MB):
+  gpt.safetensors / gpt.json   the GPT weights; its GPTConfig, tuned sampling settings, training record
+  tokenizer.safetensors        the 2x2-patch k-means codebook (16x16 tokens <-> 32x32 pixels)
+  judge.safetensors / .json    the judge CNN used by `lineray eval`
+Rebuild them with `python -m lineray.models.digits.train` and `python -m lineray.models.digits.judge`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lineray.kernels.sampling import SamplingConfig
+from lineray.models.config import GPTConfig
+from lineray.models.digits.tokenizer import PatchTokenizer
+
+ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "digits"
+BUNDLED_GPT = ASSET_DIR / "gpt.safetensors"
+BUNDLED_JSON = ASSET_DIR / "gpt.json"
+BUNDLED_TOKENIZER = ASSET_DIR / "tokenizer.safetensors"
+BUNDLED_JUDGE = ASSET_DIR / "judge.safetensors"
+
+GPT_FILE, GPT_JSON, TOKENIZER_FILE, JUDGE_FILE = "gpt.safetensors", "gpt.json", "tokenizer.safetensors", "judge.safetensors"
+
+
+def read_model_json(path: str | Path = BUNDLED_JSON) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"digits model description not found: {path} "
+                                f"(train one with `python -m lineray.models.digits.train --out DIR`)")
+    info = json.loads(path.read_text())
+    if "config" not in info:
+        raise ValueError(f"{path}: no 'config' entry (the GPTConfig of the weights)")
+    return info
+
+
+def model_config(path: str | Path = BUNDLED_JSON) -> GPTConfig:
+    return GPTConfig(**read_model_json(path)["config"])
+
+
+def model_sampling(path: str | Path = BUNDLED_JSON) -> SamplingConfig:
+    """The sampling settings stored with the model (tuned for judge accuracy), or the defaults."""
+    return SamplingConfig(**read_model_json(path).get("sampling", {}))
+
+
+def bundled_config() -> GPTConfig:
+    return model_config(BUNDLED_JSON)
+
+
+def bundled_sampling() -> SamplingConfig:
+    return model_sampling(BUNDLED_JSON)
+
+
+def load_bundled_tokenizer() -> PatchTokenizer:
+    return PatchTokenizer.load(BUNDLED_TOKENIZER)
+
+
+def load_bundled_judge():
+    from lineray.models.digits.judge import DigitJudge
+    return DigitJudge.load(BUNDLED_JUDGE)
+
+
+__all__ = ["ASSET_DIR", "BUNDLED_GPT", "BUNDLED_JSON", "BUNDLED_TOKENIZER", "BUNDLED_JUDGE", "PatchTokenizer",
+           "bundled_config", "bundled_sampling", "load_bundled_tokenizer", "load_bundled_judge",
+           "model_config", "model_sampling", "read_model_json"]

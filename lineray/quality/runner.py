@@ -1,0 +1,283 @@
+"""`lineray eval`: how much each KV cache policy and budget costs in quality, on the bundled digits model.
+
+For every row (full cache; linear, window and heavy_hitter at each budget):
+  - teacher-forced on the real held-out digits (no CFG): held-out NLL, and KL / top-1 agreement of
+    the next-token distributions against the full cache on the same inputs;
+  - sampled with CFG from the same seeds (image i has class i % 10 and seed seed + i): same-seed token
+    agreement with the full cache, Frechet distance to the real digits in the judge's feature space,
+    and the judge's class accuracy.
+Writes quality.md, quality.csv, quality_vs_budget.png, samples_full.png and samples_<policy>.png to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from dataclasses import asdict, dataclass, fields
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+
+from lineray.cache import CacheSpec
+from lineray.images import contact_sheet, to_uint8
+from lineray.kernels.sampling import SamplingConfig
+from lineray.models.generate import Condition, generate_tokens
+from lineray.quality import metrics
+
+POLICIES = ("linear", "window", "heavy_hitter")
+BUDGETS = ("1/2", "1/4", "1/6", "1/8")
+
+
+@dataclass
+class EvalRow:
+    policy: str
+    budget: str  # fraction of the image's lines kept ("1" for the full cache)
+    kv_lines: int  # visual lines the cache holds after each line's eviction
+    heldout_nll: float
+    kl_vs_full: float
+    top1_vs_full: float
+    token_agreement: float
+    frechet_distance: float
+    judge_accuracy: float
+    images_per_s: float
+
+
+def cache_rows(policies=POLICIES, budgets=BUDGETS) -> list[tuple[str, CacheSpec]]:
+    """(budget label, spec): the full cache first, then every policy at every budget."""
+    rows = [("1", CacheSpec("full"))]
+    for policy in policies:
+        if policy == "full":
+            continue
+        for b in budgets:
+            rows.append((b, CacheSpec(policy, rho=float(Fraction(b)))))
+    return rows
+
+
+@dataclass
+class DigitsBench:
+    """The model under test, its tokenizer, the judge and the real data they are compared with."""
+    model: torch.nn.Module
+    tokenizer: torch.nn.Module
+    judge: torch.nn.Module
+    sampling: SamplingConfig
+    heldout_labels: torch.Tensor  # [M]
+    heldout_tokens: torch.Tensor  # [M, N]
+    real_features: torch.Tensor  # [R, D] judge features of all real digits (reference for FD)
+
+    @classmethod
+    def load(cls, model_dir: str | Path | None = None, judge: str | Path | None = None,
+             heldout: int | None = None) -> "DigitsBench":
+        """The bundled model (model_dir None) or a training output directory (gpt.json, gpt.safetensors,
+        tokenizer.safetensors). heldout: use only the first N of the 360 held-out digits (quick runs)."""
+        from lineray.models import digits
+        from lineray.models.digits.data import load_digits_split, render
+        from lineray.models.digits.judge import DigitJudge
+        if model_dir is None:
+            from lineray.models.spec import ModelSpec
+            spec = ModelSpec()
+            model, tokenizer, sampling = spec.build_model(), spec.build_decoder(), digits.bundled_sampling()
+        else:
+            from lineray.models.checkpoint import load_checkpoint
+            from lineray.models.llamagen import Transformer
+            d = Path(model_dir)
+            model = Transformer(digits.model_config(d / digits.GPT_JSON))
+            load_checkpoint(model, d / digits.GPT_FILE)
+            model.eval()
+            tokenizer = digits.PatchTokenizer.load(d / digits.TOKENIZER_FILE)
+            sampling = digits.model_sampling(d / digits.GPT_JSON)
+        judge_model = DigitJudge.load(judge or digits.BUNDLED_JUDGE)
+        train, held = load_digits_split()
+        if heldout is not None:
+            held = held.select(slice(0, heldout))
+        held_images = render(held.images)
+        _, real_features = judge_model.predict(torch.cat([render(train.images), held_images]))
+        return cls(model, tokenizer, judge_model, sampling, held.labels,
+                   tokenizer.encode(held_images).flatten(1), real_features)
+
+
+def teacher_forced_logits(bench: DigitsBench, spec: CacheSpec, batch_size: int) -> torch.Tensor:
+    """[M, N, V] next-token logits of the real held-out sequences through `spec` (no CFG)."""
+    out = []
+    no_cfg = SamplingConfig(cfg_scale=1.0)
+    for i in range(0, len(bench.heldout_labels), batch_size):
+        cond = Condition.classes(bench.heldout_labels[i:i + batch_size])
+        gen = generate_tokens(bench.model, cond, sampling=no_cfg, cache_spec=spec,
+                              teacher_tokens=bench.heldout_tokens[i:i + batch_size], return_logits=True)
+        out.append(gen.logits)
+    return torch.cat(out)
+
+
+def sample_images(bench: DigitsBench, spec: CacheSpec, sampling: SamplingConfig, labels: torch.Tensor,
+                  seeds: list[int], batch_size: int, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [B, N], images [B, 3, H, W] in [-1, 1]) generated with `spec`."""
+    tokens, cache = [], None
+    grid = bench.model.config.grid_size
+    for i in range(0, len(labels), batch_size):
+        cond = Condition.classes(labels[i:i + batch_size])
+        rows = len(cond) * (2 if sampling.uses_cfg else 1)
+        gen = generate_tokens(bench.model, cond, seeds[i:i + batch_size], sampling=sampling, cache_spec=spec,
+                              cache=cache if cache is not None and cache.rows == rows else None)
+        cache = gen.cache
+        tokens.append(gen.tokens)
+        if progress is not None:
+            progress.update(len(cond))
+    tokens = torch.cat(tokens)
+    return tokens, bench.tokenizer.decode_codes(tokens.view(-1, grid, grid))
+
+
+def evaluate(model_dir: str | Path | None = None, *, judge: str | Path | None = None, samples: int = 1000,
+             batch_size: int = 500, sampling: SamplingConfig | None = None, policies=POLICIES,
+             budgets=BUDGETS, seed: int = 0, heldout: int | None = None, out_dir: str | Path | None = None,
+             progress: bool = True) -> list[EvalRow]:
+    """Evaluate every cache row; write the table, CSV, plot and sample grids when out_dir is given."""
+    from tqdm import tqdm
+    if samples < 2:
+        raise ValueError(f"samples must be >= 2 (the Frechet distance needs a covariance), got {samples}")
+    bench = DigitsBench.load(model_dir, judge, heldout)
+    sampling = sampling or bench.sampling
+    cfg = bench.model.config
+    labels = torch.arange(samples) % cfg.num_classes
+    seeds = [seed + i for i in range(samples)]
+    rows, grids = [], {}
+    ref_logits = ref_tokens = None
+    specs = cache_rows(policies, budgets)
+    bar = tqdm(total=samples * len(specs), unit="img", desc="eval", disable=not progress, dynamic_ncols=True)
+    for budget, spec in specs:
+        plan = spec.plan(cfg.grid_size, cfg.grid_size, cfg.image_tokens)
+        bar.set_postfix_str(plan.describe())
+        logits = teacher_forced_logits(bench, spec, batch_size)
+        t0 = time.perf_counter()
+        tokens, images = sample_images(bench, spec, sampling, labels, seeds, batch_size, bar)
+        seconds = time.perf_counter() - t0
+        if ref_logits is None:  # the full cache comes first
+            ref_logits, ref_tokens = logits, tokens
+        predicted, features = bench.judge.predict(images)
+        rows.append(EvalRow(
+            policy=spec.policy, budget=budget, kv_lines=plan.budget_lines,
+            heldout_nll=metrics.token_nll(logits, bench.heldout_tokens),
+            kl_vs_full=float(metrics.kl_divergence(ref_logits, logits).mean()),
+            top1_vs_full=metrics.top1_agreement(ref_logits, logits),
+            token_agreement=metrics.token_agreement(ref_tokens, tokens),
+            frechet_distance=metrics.frechet_distance(features, bench.real_features),
+            judge_accuracy=metrics.class_accuracy(predicted, labels),
+            images_per_s=samples / seconds))
+        # Two of each class per row for the policy sheets; ten of each for the full cache's own sheet.
+        keep = (10 if spec.policy == "full" else 2) * cfg.num_classes
+        grids[(spec.policy, budget)] = to_uint8(images[:min(samples, keep)])
+    bar.close()
+    if out_dir is not None:
+        write_outputs(rows, grids, Path(out_dir), sampling, samples)
+    return rows
+
+
+# -- outputs -------------------------------------------------------------------
+COLUMNS = [("policy", "policy", "{}"), ("budget", "budget", "{}"), ("kv_lines", "KV lines", "{}"),
+           ("heldout_nll", "held-out NLL", "{:.4f}"), ("kl_vs_full", "KL vs full", "{:.4f}"),
+           ("top1_vs_full", "top-1 vs full", "{:.3f}"), ("token_agreement", "same-seed tokens", "{:.3f}"),
+           ("frechet_distance", "judge FD", "{:.2f}"), ("judge_accuracy", "judge acc", "{:.3f}"),
+           ("images_per_s", "images/s", "{:.1f}")]
+
+
+def markdown_table(rows: list[EvalRow]) -> str:
+    head = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    body = ["| " + " | ".join(fmt.format(getattr(r, key)) for key, _, fmt in COLUMNS) + " |" for r in rows]
+    return "\n".join([head, rule, *body])
+
+
+def write_outputs(rows: list[EvalRow], grids: dict, out: Path, sampling: SamplingConfig, samples: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    settings = (f"{samples} samples per row; cfg_scale {sampling.cfg_scale:g}, temperature "
+                f"{sampling.temperature:g}, top_k {sampling.top_k}, top_p {sampling.top_p:g}")
+    (out / "quality.md").write_text(f"{settings}\n\n{markdown_table(rows)}\n")
+    with open(out / "quality.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(EvalRow)])
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    plot_quality(rows, out / "quality_vs_budget.png", settings)
+    full = grids.get(("full", "1"))
+    if full is not None:  # columns are the classes 0-9, rows are seeds
+        contact_sheet(list(full), cols=min(len(full), 10), min_cell=48).save(out / "samples_full.png")
+    for policy in dict.fromkeys(r.policy for r in rows if r.policy != "full"):
+        # One row of images per budget, the full cache on top; the same seeds in every row.
+        keys = [(p, b) for (p, b) in grids if p == policy]
+        cols = len(grids[keys[0]])
+        if full is not None:
+            keys.insert(0, ("full", "1"))
+        images = [img for k in keys for img in grids[k][:cols]]
+        captions = [("full" if k[0] == "full" else k[1]) for k in keys for _ in range(cols)]
+        contact_sheet(images, captions, cols=cols, min_cell=48).save(out / f"samples_{policy}.png")
+
+
+def plot_quality(rows: list[EvalRow], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [("heldout_nll", "held-out NLL (nats/token)"), ("kl_vs_full", "KL vs full cache"),
+              ("top1_vs_full", "top-1 agreement vs full"), ("token_agreement", "same-seed token agreement"),
+              ("frechet_distance", "Frechet distance (judge features)"), ("judge_accuracy", "judge class accuracy")]
+    full = next((r for r in rows if r.policy == "full"), None)
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, (key, label) in zip(axes.flat, panels):
+        for policy in dict.fromkeys(r.policy for r in rows if r.policy != "full"):
+            pts = sorted((float(Fraction(r.budget)), getattr(r, key)) for r in rows if r.policy == policy)
+            ax.plot(*zip(*pts), marker="o", label=policy)
+        if full is not None:
+            ax.axhline(getattr(full, key), color="black", linestyle="--", linewidth=1, label="full cache")
+        ax.set_xlabel("KV budget (fraction of image lines)")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- CLI -----------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("outputs/eval"), help="directory for table, CSV and PNGs")
+    p.add_argument("--samples", type=int, default=1000, help="generated images per row (classes cycle 0-9)")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    p.add_argument("--budgets", nargs="+", default=list(BUDGETS), help="fractions of the image lines, e.g. 1/4")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i")
+    p.add_argument("--heldout", type=int, default=None,
+                   help="teacher-force only the first N of the 360 held-out digits (default: all)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="default: the model's tuned setting")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="a training output directory (default: the bundled model)")
+    p.add_argument("--judge", type=Path, default=None, help="judge.safetensors (default: the bundled judge)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def sampling_from_args(args, base: SamplingConfig) -> SamplingConfig:
+    overrides = {k: getattr(args, k) for k in ("cfg_scale", "temperature", "top_k", "top_p")
+                 if getattr(args, k) is not None}
+    return SamplingConfig(**{**asdict(base), **overrides})
+
+
+def run(args) -> int:
+    from lineray.models import digits
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for b in args.budgets:
+        try:
+            if not 0 < Fraction(b) < 1:
+                raise ValueError
+        except (ValueError, ZeroDivisionError):
+            raise SystemExit(f"lineray eval: budget {b!r} must be a fraction between 0 and 1, like 1/4")
+    base = (digits.model_sampling(args.model_dir / digits.GPT_JSON) if args.model_dir
+            else digits.bundled_sampling())
+    sampling = sampling_from_args(args, base)
+    rows = evaluate(args.model_dir, judge=args.judge, samples=args.samples, batch_size=args.batch_size,
+                    sampling=sampling, policies=args.policies, budgets=args.budgets, seed=args.seed,
+                    heldout=args.heldout, out_dir=args.out, progress=not args.no_progress)
+    print((args.out / "quality.md").read_text())
+    print(f"wrote {args.out}/quality.csv, quality_vs_budget.png, samples_<policy>.png")
+    return 0

@@ -1,0 +1,98 @@
+"""Quality metrics on hand-built cases, and `lineray eval` end to end on the bundled model (small)."""
+import argparse
+import csv
+import math
+
+import pytest
+import torch
+
+from lineray.quality import add_arguments, cache_rows, evaluate, metrics
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a busy 2-core machine, 2 threads make these small ops ~30x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_kl_of_identical_distributions_is_zero():
+    logits = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0))
+    assert metrics.kl_divergence(logits, logits).abs().max() < 1e-12
+    # A constant shift of the logits is the same distribution.
+    assert metrics.kl_divergence(logits, logits + 3.0).abs().max() < 1e-9
+
+
+def test_kl_known_value_and_direction():
+    p = torch.tensor([0.5, 0.5], dtype=torch.float64).log()
+    q = torch.tensor([0.9, 0.1], dtype=torch.float64).log()
+    expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)  # KL(P || Q) = 0.5108
+    assert metrics.kl_divergence(p, q).item() == pytest.approx(expected, abs=1e-9)
+    reverse = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)  # KL(Q || P) = 0.3681
+    assert metrics.kl_divergence(q, p).item() == pytest.approx(reverse, abs=1e-9)
+
+
+def test_top1_and_token_agreement_and_accuracy():
+    ref = torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 5.0], [1.0, 0.0, 0.0]])
+    other = torch.tensor([[0.0, 3.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.5, 0.0]])
+    assert metrics.top1_agreement(ref, other) == pytest.approx(0.5)
+    assert metrics.token_agreement(torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 2, 0, 4]])) == 0.75
+    with pytest.raises(ValueError, match="differ in shape"):
+        metrics.token_agreement(torch.zeros(2, 3), torch.zeros(3, 2))
+    assert metrics.class_accuracy(torch.tensor([0, 1, 2, 3, 4]), torch.tensor([0, 1, 9, 3, 9])) == pytest.approx(0.6)
+
+
+def test_nll_of_uniform_and_of_certain_predictions():
+    tokens = torch.tensor([[3, 1, 4, 1]])
+    assert metrics.token_nll(torch.zeros(1, 4, 16), tokens) == pytest.approx(math.log(16), abs=1e-6)
+    sure = torch.full((1, 4, 16), -1e4).scatter(-1, tokens[..., None], 0.0)
+    assert metrics.token_nll(sure, tokens) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_frechet_distance_hand_cases():
+    a = torch.randn(400, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert metrics.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    # Same covariance, mean moved by (1, 2, 0, ...): FD = |shift|^2 = 5.
+    shift = torch.tensor([1.0, 2.0, 0, 0, 0, 0], dtype=torch.float64)
+    assert metrics.frechet_distance(a, a + shift) == pytest.approx(5.0, abs=1e-8)
+    # 1-D, b = 2a: FD = (sigma_a - sigma_b)^2 + (mu_a - mu_b)^2 = var(a) + mean(a)^2.
+    x = a[:, :1]
+    expected = float(x.var(unbiased=True)) + float(x.mean()) ** 2
+    assert metrics.frechet_distance(x, 2 * x) == pytest.approx(expected, rel=1e-8)
+    with pytest.raises(ValueError, match="at least 2 feature vectors"):
+        metrics.frechet_distance(a[:1], a)
+
+
+def test_cache_rows_cover_every_policy_and_budget():
+    rows = cache_rows()
+    assert rows[0][1].policy == "full"
+    assert len(rows) == 1 + 3 * 4
+    lines = {(s.policy, b): s.plan(16, 16, 256).budget_lines for b, s in rows[1:]}
+    assert lines[("linear", "1/2")] == 8 and lines[("linear", "1/4")] == 4
+    assert lines[("window", "1/6")] == 3 and lines[("heavy_hitter", "1/8")] == 2
+
+
+@pytest.mark.timeout(300)
+def test_eval_end_to_end_on_bundled_model(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path), "--samples", "20", "--policies", "linear", "window",
+                              "--budgets", "1/4", "--no-progress"])
+    rows = evaluate(samples=args.samples, policies=args.policies, budgets=args.budgets, heldout=60,
+                    out_dir=args.out, progress=False)
+    full, linear, window = rows
+    assert (full.policy, linear.policy, window.policy) == ("full", "linear", "window")
+    assert full.kl_vs_full == 0 and full.top1_vs_full == 1 and full.token_agreement == 1
+    assert linear.kv_lines == window.kv_lines == 4
+    for r in rows:
+        assert 0.0 < r.heldout_nll < math.log(16)  # a trained model beats uniform guessing
+        assert 0.0 <= r.judge_accuracy <= 1.0 and r.frechet_distance >= 0 and r.images_per_s > 0
+    assert linear.kl_vs_full > 0  # evicting 3/4 of the lines changes the predictions somewhat
+    assert full.judge_accuracy >= 0.6  # the bundled model draws recognisable digits
+    for name in ("quality.md", "quality.csv", "quality_vs_budget.png", "samples_linear.png", "samples_window.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    with open(tmp_path / "quality.csv") as f:
+        assert [r["policy"] for r in csv.DictReader(f)] == ["full", "linear", "window"]
+    assert "| full | 1 | 16 |" in (tmp_path / "quality.md").read_text()
