@@ -136,7 +136,8 @@ class Transformer(nn.Module):
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
             elif name == "cls_embedding.uncond_embedding":
-                continue
+                with torch.no_grad():
+                    p.normal_(0.0, p.size(-1) ** -0.5, generator=generator)
             else:
                 with torch.no_grad():
                     p.normal_(0.0, std, generator=generator)

@@ -173,9 +173,10 @@ class TPReplica:
     def model_config(self):
         return self.cfg.model.config()
 
-    def generate(self, cond: Condition, seeds: list[int], on_step=None) -> torch.Tensor:
-        """Tokens [B, N] (CPU) for the batch; on_step(i) is called in this process as tokens complete."""
-        return self._run(cond, seeds, on_step, return_logits=False)[0]
+    def generate(self, cond: Condition, seeds: list[int], on_step=None, sampling=None) -> torch.Tensor:
+        """Tokens [B, N] (CPU) for the batch; on_step(i) is called in this process as tokens complete.
+        `sampling` overrides the replica's for this batch (e.g. a per-prompt cfg scale)."""
+        return self._run(cond, seeds, on_step, return_logits=False, sampling=sampling)[0]
 
     def generate_with_logits(self, cond: Condition, seeds: list[int], on_step=None):
         """(tokens [B, N], guided logits [B, N, V] fp32) — the logits as rank 0 saw them."""
@@ -214,13 +215,14 @@ class TPReplica:
         if not self._workers:
             self._start()
 
-    def _run(self, cond: Condition, seeds: list[int], on_step, return_logits: bool, max_tokens: int | None = None):
+    def _run(self, cond: Condition, seeds: list[int], on_step, return_logits: bool, max_tokens: int | None = None,
+             sampling=None):
         progress = _Progress(on_step)
         failures = []
         while True:
             self._ensure_started()
             try:
-                return self._run_once(cond, list(seeds), progress, return_logits, max_tokens)
+                return self._run_once(cond, list(seeds), progress, return_logits, max_tokens, sampling)
             except _WorkerFailure as e:
                 failures.append(str(e))
                 self._teardown()
@@ -231,11 +233,12 @@ class TPReplica:
                 log.warning("%s: %s; rebuilding the replica and retrying the batch", self.name, e)
 
     def _run_once(self, cond: Condition, seeds: list[int], progress: "_Progress", return_logits: bool,
-                  max_tokens: int | None):
+                  max_tokens: int | None, sampling=None):
         o = self.options
         n_tokens = self.model_config.image_tokens
         cond_ref, batch_id = ray.put(cond), uuid.uuid4().hex
-        refs = [w.generate.remote(cond_ref, seeds, return_logits, batch_id, max_tokens) for w in self._workers]
+        refs = [w.generate.remote(cond_ref, seeds, return_logits, batch_id, max_tokens, sampling)
+                for w in self._workers]
         pending = list(refs)
         best, best_t = 0, time.monotonic()
         while pending:

@@ -87,13 +87,14 @@ class TPWorker:
 
     # -- work ------------------------------------------------------------------
     def generate(self, cond: Condition, seeds: list[int], return_logits: bool = False, batch_id=None,
-                 max_tokens: int | None = None):
+                 max_tokens: int | None = None, sampling=None):
         """(tokens [B, N] on CPU, guided logits [B, N, V] from rank 0 when asked for, timing dict).
 
         max_tokens (benchmarks): stop every rank after that many tokens, at the same step;
         tokens and logits are then None.
         """
-        use_cfg = self.cfg.sampling.uses_cfg
+        sampling = sampling or self.cfg.sampling  # a batch may override it (per-prompt cfg scale)
+        use_cfg = sampling.uses_cfg
         rows = len(cond) * (2 if use_cfg else 1)
         if self._cache is None or self._cache.rows != rows:
             self._cache = None  # free the old one first
@@ -102,7 +103,7 @@ class TPWorker:
         self.tp.stats.reset()
         self._t0 = self._t_first = time.perf_counter()
         try:
-            out = generate_tokens(self.model, cond, seeds, sampling=self.cfg.sampling, cache=self._cache,
+            out = generate_tokens(self.model, cond, seeds, sampling=sampling, cache=self._cache,
                                   return_logits=return_logits, on_step=self._on_step)
             tokens, logits = out.tokens.cpu(), out.logits
         except _StopEarly:
