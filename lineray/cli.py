@@ -8,9 +8,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from pathlib import Path
 
-import yaml
+from lineray.yamlfile import load_mapping
 
 # name -> (module, add_arguments, run, help)
 SUBCOMMANDS = {
@@ -121,16 +120,7 @@ def load_yaml(paths: list[str] | str | None) -> dict:
             for key, value in load_yaml(path).items():
                 merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
         return merged
-    p = Path(paths)
-    if not p.is_file():
-        raise ValueError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{p}: expected a mapping at the top level")
-    return data
+    return load_mapping(paths)
 
 
 # -- sample -------------------------------------------------------------------

@@ -18,15 +18,6 @@ from lineray.models.spec import ModelSpec
 TINY = {"n_layer": 1, "dim": 32, "n_head": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine, 2 threads make these small ops ~30x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_bundled_files_are_small_safetensors_and_json():
     files = [digits.BUNDLED_GPT, digits.BUNDLED_JSON, digits.BUNDLED_TOKENIZER, digits.BUNDLED_JUDGE]
     assert all(f.is_file() for f in files)

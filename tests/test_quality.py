@@ -9,15 +9,6 @@ import torch
 from lineray.quality import add_arguments, cache_rows, evaluate, metrics
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine, 2 threads make these small ops ~30x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_kl_of_identical_distributions_is_zero():
     logits = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0))
     assert metrics.kl_divergence(logits, logits).abs().max() < 1e-12

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from lineray.cache import CacheSpec
+from lineray.yamlfile import load_mapping
 from lineray.kernels.sampling import SamplingConfig
 from lineray.models.spec import ModelSpec
 
@@ -167,16 +168,7 @@ def resolve_sampling(model: ModelSpec, given: dict | None) -> SamplingConfig:
 
 
 def load_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise JobConfigError(f"job config not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise JobConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise JobConfigError(f"{p}: expected a mapping of job settings at the top level")
-    return data
+    return load_mapping(path, JobConfigError, "job config")
 
 
 def apply_overrides(config: dict, overrides: dict) -> dict:

@@ -275,9 +275,9 @@ def run(args) -> int:
     base = (digits.model_sampling(args.model_dir / digits.GPT_JSON) if args.model_dir
             else digits.bundled_sampling())
     sampling = sampling_from_args(args, base)
-    rows = evaluate(args.model_dir, judge=args.judge, samples=args.samples, batch_size=args.batch_size,
-                    sampling=sampling, policies=args.policies, budgets=args.budgets, seed=args.seed,
-                    heldout=args.heldout, out_dir=args.out, progress=not args.no_progress)
+    evaluate(args.model_dir, judge=args.judge, samples=args.samples, batch_size=args.batch_size,
+             sampling=sampling, policies=args.policies, budgets=args.budgets, seed=args.seed,
+             heldout=args.heldout, out_dir=args.out, progress=not args.no_progress)
     print((args.out / "quality.md").read_text())
     print(f"wrote {args.out}/quality.csv, quality_vs_budget.png, samples_<policy>.png")
     return 0
