@@ -33,6 +33,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from lineray.models.checkpoint import first_line
 from lineray.models.generate import Condition
 from lineray.workers.replica import ReplicaConfig
 from lineray.workers.worker import RankInfo, TPWorker
@@ -60,23 +61,9 @@ class TPOptions:
     poll_s: float = 0.2  # how often the driver checks on the ranks during a batch
 
 
-def check_tp(cfg: ReplicaConfig) -> None:
-    model_cfg = cfg.model.config()
-    valid = model_cfg.valid_tp_sizes()
-    if cfg.tp not in valid:
-        raise ValueError(f"tp={cfg.tp} does not fit {cfg.model.preset}: its {model_cfg.n_head} attention heads "
-                         f"must split evenly across ranks; valid tensor-parallel sizes are "
-                         f"{', '.join(map(str, valid))}")
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
 class TPReplica:
     def __init__(self, cfg: ReplicaConfig, options: TPOptions = TPOptions()):
-        check_tp(cfg)
+        cfg.model.config().check_tp(cfg.tp, cfg.model.preset)
         if not ray.is_initialized():
             raise ReplicaError("a tensor-parallel replica needs Ray: call lineray.cluster.local.ensure_ray() first")
         self.cfg, self.options = cfg, options
