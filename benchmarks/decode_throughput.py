@@ -3,11 +3,16 @@
     python benchmarks/decode_throughput.py --suite engine   # issue 2: GPT-B, 16x16/24x24, batch 4/16, fp32/bf16
     python benchmarks/decode_throughput.py --suite cache    # issue 3: policies side by side, 24x24 and 32x32
     python benchmarks/decode_throughput.py --suite reference  # lineray vs LlamaGen's padded static cache + mask
+    python benchmarks/decode_throughput.py --suite compile    # eager vs torch.compile'd dense parts
 
 Random weights (no checkpoint download is possible here); timing does not depend on
-the values. Every case runs the whole generation (prefill + all image tokens, CFG
-on) in its own process, so peak RSS is the case's own. Ratios are to the first
-case of each group, measured in the same run.
+the values. Every case runs in its own process (so peak RSS is the case's own): one
+whole generation (prefill + all image tokens, CFG on) to warm up, then a timed one
+with the same batch, as a replica does batch after batch in a job. The warm-up time
+is reported as `cold_s`: the CPU math libraries pay a one-time cost per new matrix
+shape, and a growing cache meets a new shape at every step of the first batch.
+`--no-warmup` times the first generation instead. A policy may end in `+compile`
+(ReplicaConfig.compile). Ratios are to the first case of each group, same run.
 """
 from __future__ import annotations
 
@@ -27,12 +32,14 @@ SUITES = {
                   policies=["full", "linear:1/4", "linear:1/6", "linear:1/8", "window:1/6", "heavy_hitter:1/6"]),
     "reference": dict(presets=["GPT-B"], grids=[24], batches=[16], dtypes=["bfloat16", "float32"],
                       policies=["reference", "full"]),
+    "compile": dict(presets=["GPT-B"], grids=[16], batches=[4], dtypes=["float32"],
+                    policies=["full", "full+compile", "linear:1/6", "linear:1/6+compile"]),
 }
 
 
 def cache_spec(policy: str):
     from lineray.cache import CacheSpec
-    name, _, rho = policy.partition(":")
+    name, _, rho = policy.removesuffix("+compile").partition(":")
     return CacheSpec.from_dict({"policy": name, "rho": rho} if rho else {"policy": name})
 
 
@@ -46,6 +53,8 @@ def run_case(case: dict) -> dict:
     torch.set_num_threads(case["threads"])
     model = ModelSpec(preset=case["preset"], checkpoint=None, decoder=None, grid_size=case["grid"],
                       dtype=case["dtype"]).build_model()
+    if case["policy"].endswith("+compile"):
+        model.compile_dense()
     n_img = case["batch"]
     sampling = SamplingConfig(cfg_scale=4.0, top_k=2000)
     cond = Condition.classes([i % 1000 for i in range(n_img)])
@@ -57,13 +66,18 @@ def run_case(case: dict) -> dict:
         cache = new_cache(model, cache_spec(case["policy"]), 2 * n_img, True)
     kv_bytes = cache.memory().kv_bytes
     fn = lambda: generate_tokens(model, cond, seeds, sampling=sampling, cache=cache)  # noqa: E731
+    cold = None
+    if case["warmup"]:
+        t0 = time.perf_counter()
+        fn()
+        cold = time.perf_counter() - t0
     t0 = time.perf_counter()
     fn()
     dt = time.perf_counter() - t0
-    print(f"case done in {dt:.1f}s", file=sys.stderr)
+    print(f"case done: cold {cold or 0:.1f}s, timed {dt:.1f}s", file=sys.stderr)
     n_tok = model.config.image_tokens
     return dict(tokens_per_s=n_img * n_tok / dt, images_per_s=n_img / dt, seconds=dt, step_ms=dt / n_tok * 1e3,
-                kv_mib=None if kv_bytes is None else kv_bytes / 2**20, peak_rss_mib=peak_rss_mib())
+                cold_s=cold, kv_mib=None if kv_bytes is None else kv_bytes / 2**20, peak_rss_mib=peak_rss_mib())
 
 
 def main() -> None:
@@ -72,6 +86,7 @@ def main() -> None:
     ap.add_argument("--presets"), ap.add_argument("--grids"), ap.add_argument("--batches")
     ap.add_argument("--dtypes"), ap.add_argument("--policies")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-warmup", action="store_true", help="time the first generation (cold) instead")
     ap.add_argument("--csv", default=None, help="CSV path (default benchmarks/results/decode_<suite>.csv)")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -84,7 +99,8 @@ def main() -> None:
             vals = getattr(args, key).split(",")
             suite[key] = [int(v) for v in vals] if key in ("grids", "batches") else vals
     print(f"machine: {machine()}")
-    print(f"settings: {suite}, CFG 4.0 (2 rows per image), top-k 2000, random weights, whole generations")
+    print(f"settings: {suite}, CFG 4.0 (2 rows per image), top-k 2000, random weights, whole generations, "
+          f"{'cold (first generation timed)' if args.no_warmup else 'timed after one warm-up generation'}")
     rows = []
     for preset in suite["presets"]:
         for grid in suite["grids"]:
@@ -93,7 +109,7 @@ def main() -> None:
                     base = None
                     for policy in suite["policies"]:
                         case = dict(preset=preset, grid=grid, batch=batch, dtype=dtype, policy=policy,
-                                    threads=args.threads)
+                                    threads=args.threads, warmup=not args.no_warmup)
                         r = case | run_isolated(__file__, case)
                         base = base or r
                         r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
@@ -102,7 +118,7 @@ def main() -> None:
                         rows.append(r)
                         print(f"  {preset} {grid}x{grid} batch {batch} {dtype} {policy}: "
                               f"{r['tokens_per_s']:.0f} tok/s, {r['images_per_s']:.3f} img/s", flush=True)
-    cols = ["preset", "grid", "batch", "dtype", "policy", "tokens_per_s", "images_per_s", "step_ms", "kv_mib",
+    cols = ["preset", "grid", "batch", "dtype", "policy", "tokens_per_s", "images_per_s", "step_ms", "cold_s", "kv_mib",
             "peak_rss_mib", "speedup", "kv_ratio"]
     print_table(rows, cols, title=f"decode throughput ({args.suite})")
     path = write_csv(rows, args.csv or Path(__file__).parent / "results" / f"decode_{args.suite}.csv")

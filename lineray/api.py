@@ -33,7 +33,8 @@ class SampleResult:
 
 def sample(classes: list[int], *, model: ModelSpec = ModelSpec(), cache: CacheSpec = CacheSpec(),
            sampling: SamplingConfig | None = None, seed: int = 0, seeds: list[int] | None = None,
-           batch_size: int = 16, tp: int = 1, out: str | Path | None = None, progress: bool = True,
+           batch_size: int = 16, tp: int = 1, compile: bool = False, out: str | Path | None = None,
+           progress: bool = True,
            replica=None) -> SampleResult:
     """Generate one image per class label. Image i gets seed `seeds[i]` (default `seed + i`).
 
@@ -47,7 +48,7 @@ def sample(classes: list[int], *, model: ModelSpec = ModelSpec(), cache: CacheSp
         raise GenerationError(f"{len(classes)} classes but {len(seeds)} seeds")
     if sampling is None:
         sampling = default_sampling(model)
-    cfg = ReplicaConfig(model=model, cache=cache, sampling=sampling, tp=tp)
+    cfg = ReplicaConfig(model=model, cache=cache, sampling=sampling, tp=tp, compile=compile)
     own = replica is None
     replica = replica or make_replica(cfg)
     decoder = model.build_decoder()

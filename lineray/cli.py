@@ -131,6 +131,8 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/samples", help="output folder for PNGs and contact_sheet.png")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (Ray actors, gloo on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the dense parts of the decode step (pays on GPUs; see benchmarks)")
     p.add_argument("--config", action="append", help="YAML with model:, cache:, sampling: sections; may repeat "
                    "(e.g. configs/models/X.yaml --config configs/cache/linear-1-6.yaml); flags override")
     add_model_arguments(p)
@@ -148,14 +150,14 @@ def run_sample(args) -> int:
     plan = cache.plan(model_cfg.grid_size, model_cfg.grid_size, model_cfg.image_tokens)
     print(f"lineray sample: {len(classes)} images, model {model.preset if not model.is_bundled else 'bundled digits'}, "
           f"cache {plan.describe()}, tp {args.tp}", file=sys.stderr)
+    run = lambda: sample(classes, model=model, cache=cache, sampling=sampling, seed=args.seed,  # noqa: E731
+                         batch_size=args.batch_size, tp=args.tp, compile=args.compile, out=args.out)
     if args.tp > 1:
         from lineray.cluster.local import ray_session
         with ray_session():
-            result = sample(classes, model=model, cache=cache, sampling=sampling, seed=args.seed,
-                            batch_size=args.batch_size, tp=args.tp, out=args.out)
+            result = run()
     else:
-        result = sample(classes, model=model, cache=cache, sampling=sampling, seed=args.seed,
-                        batch_size=args.batch_size, out=args.out)
+        result = run()
     print(f"wrote {len(result.paths)} images and {result.sheet} "
           f"({result.images_per_second:.2f} images/s)")
     return 0

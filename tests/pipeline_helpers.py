@@ -16,9 +16,9 @@ IMAGE_PX = 64
 
 
 def tiny_job(source: str, output: str, **kw) -> dict:
-    """A job dict on the tiny model; kw overrides any setting."""
+    """A job dict on the tiny model; kw overrides any setting. Batches are auto: 4 images (the cap) fit."""
     job = dict(source=source, output=output, model=dict(TINY_MODEL), sampling=dict(cfg_scale=2.0, top_k=0),
-               replicas=1, batch_size=4, shard_rows=4, progress_interval_s=1.0,
+               replicas=1, max_batch_size=4, shard_rows=4, progress_interval_s=1.0,  # batch_size: auto
                resources=dict(generate_cpus=0.5, decode_cpus=0.25, png_cpus=0.25, read_cpus=0.25))
     job.update(kw)
     return job

@@ -118,7 +118,9 @@ def test_a_rank_loads_only_its_slice(tmp_path, fmt):
     assert torch.equal(shard.layers[0].attention.wqkv.weight, want)
     assert torch.equal(shard.layers[0].attention.wo.weight, sd["layers.0.attention.wo.weight"][:, half:])
     hidden = src.config.ffn_hidden
-    assert torch.equal(shard.layers[0].feed_forward.w1.weight, sd["layers.0.feed_forward.w1.weight"][hidden // 2:])
+    assert torch.equal(shard.state_dict()["layers.0.feed_forward.w1.weight"], sd["layers.0.feed_forward.w1.weight"][hidden // 2:])
+    assert torch.equal(shard.layers[0].feed_forward.w13.weight,  # gate and up slices stacked in one weight
+                       torch.cat([sd[f"layers.0.feed_forward.{w}.weight"][hidden // 2:] for w in ("w1", "w3")]))
     assert torch.equal(shard.output.weight, sd["output.weight"][src.config.vocab_size // 2:])
     assert shard.local_heads == 2 and hd * 2 == half
 

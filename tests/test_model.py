@@ -73,9 +73,9 @@ def test_presets_have_published_shapes(name, layers, dim, heads, head_dim, ffn, 
     assert (cfg.n_layer, cfg.dim, cfg.n_head, cfg.head_dim, cfg.ffn_hidden) == (layers, dim, heads, head_dim, ffn)
     with torch.device("meta"):
         model = Transformer(cfg)
-    shapes = {k: tuple(v.shape) for k, v in model.named_parameters()}
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # the checkpoint's keys
     assert shapes["layers.0.attention.wqkv.weight"] == (3 * dim, dim)
-    assert shapes["layers.0.feed_forward.w1.weight"] == (ffn, dim)
+    assert shapes["layers.0.feed_forward.w1.weight"] == shapes["layers.0.feed_forward.w3.weight"] == (ffn, dim)
     assert shapes["layers.0.feed_forward.w2.weight"] == (dim, ffn)
     assert shapes["cls_embedding.embedding_table.weight"] == (1001, dim)
     assert shapes["output.weight"] == (16384, dim)

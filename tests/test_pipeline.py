@@ -64,8 +64,14 @@ def test_bad_rows_go_to_the_errors_dataset(ray_session, tmp_path):
     src = tmp_path / "prompts.jsonl"
     src.write_bytes(jsonl_bytes(rows))
     out = tmp_path / "out"
-    summary = run_job(JobConfig.from_dict(tiny_job(str(src), str(out), shard_rows=6)), progress=False)
+    logs = []
+    summary = run_job(JobConfig.from_dict(tiny_job(str(src), str(out), shard_rows=6)), progress=False,
+                      log=logs.append)
     assert (summary.images, summary.errors, summary.prompts, summary.shards) == (2, 6, 8, 2)
+    # batch_size auto (the default): the tiny model fits far more than max_batch_size (4) images.
+    batch = next(m for m in logs if m.startswith("batch size"))
+    assert batch.startswith("batch size 4 per replica (auto: ") and batch.endswith("; capped by max_batch_size)")
+    assert summary.batch_size == 4 and json.loads((out / "_summary.json").read_text())["batch_size"] == 4
 
     images = pq.read_table(out / "data").to_pylist()
     assert sorted(r["id"] for r in images) == ["ok-1", "ok-2"]

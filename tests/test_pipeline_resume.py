@@ -69,8 +69,9 @@ def test_resume_after_killing_the_driver(ray_session, s3, tmp_path):
             os.kill(pid, signal.SIGKILL)
         assert not left, f"processes of the killed job's Ray survived: {left}"
 
-    summary = run_job(JobConfig.from_dict(job), progress=False)
-    assert summary.skipped_shards == len(done) and summary.total_images == n
+    # Resume with another batch size (the killed run had auto = 4): the images do not depend on it.
+    summary = run_job(JobConfig.from_dict(job | {"batch_size": 3}), progress=False)
+    assert summary.skipped_shards == len(done) and summary.total_images == n and summary.batch_size == 3
     ids = Counter(read_dataset(s3.fs(), "bucket/out/kill")["id"].to_pylist())
     assert set(ids) == {f"k{i:03d}" for i in range(n)} and set(ids.values()) == {1}
     assert len(out.committed()) == n // 4

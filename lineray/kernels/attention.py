@@ -3,13 +3,57 @@
 The decode step attends one query per row over `n` cached slots. Policies that
 evict by attention need the softmax probabilities, so the kernel can add them into
 a score buffer in the same pass instead of running attention twice.
+
+Backends for the decode step: the torch reference (always on CPU), a Triton kernel
+(`triton_attention.py`, CUDA) and PyTorch SDPA (CUDA without triton, no scores).
+LINERAY_ATTENTION=auto|torch|triton|sdpa forces one on CUDA.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
+
+BACKENDS = ("auto", "torch", "triton", "sdpa")
+# Read once: attend runs per layer per decode step. Ray workers inherit it from the
+# driver only on a local cluster; pass it in runtime_env env_vars otherwise.
+BACKEND = os.environ.get("LINERAY_ATTENTION", "auto").strip().lower() or "auto"
+if BACKEND not in BACKENDS:
+    raise ValueError(f"LINERAY_ATTENTION={BACKEND!r}: expected one of {BACKENDS}")
+
+
+@functools.cache
+def _triton_attend():
+    """The Triton wrapper, or None when triton is not installed (imported lazily: CPU runs never need it)."""
+    try:
+        from lineray.kernels.triton_attention import attend_triton
+    except ImportError:
+        return None
+    return attend_triton
+
+
+def attention_backend(device: torch.device | str, needs_scores: bool) -> str:
+    """Which implementation `attend` uses for tensors on `device`: "torch", "triton" or "sdpa".
+
+    CPU always gets the torch path (it is the reference, and the cache tests compare
+    policies bit for bit through it). On CUDA, auto prefers Triton, then SDPA; SDPA
+    cannot return probabilities, so a scoring cache falls back to torch even when
+    LINERAY_ATTENTION=sdpa is forced.
+    """
+    if torch.device(device).type != "cuda":
+        return "torch"
+    if BACKEND == "auto":
+        if _triton_attend() is not None:
+            return "triton"
+        return "torch" if needs_scores else "sdpa"
+    if BACKEND == "triton" and _triton_attend() is None:
+        raise RuntimeError("LINERAY_ATTENTION=triton but triton is not importable")
+    if BACKEND == "sdpa" and needs_scores:
+        return "torch"
+    return BACKEND
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -22,6 +66,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scores_out [R, H, n] fp32: the probabilities are added into it when given.
     Returns [R, H, 1, D] in q's dtype.
     """
+    if q.is_cuda:  # cheap test first: the CPU path stays exactly the reference below
+        backend = attention_backend(q.device, scores_out is not None)
+        if backend == "triton":
+            return _triton_attend()(q, k, v, bias, scores_out)
+        if backend == "sdpa":
+            return attend_sdpa(q, k, v, bias)
+    return attend_torch(q, k, v, bias, scores_out)
+
+
+def attend_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 bias: torch.Tensor | None = None,
+                 scores_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference path (same contract as `attend`): fp32 logits and softmax."""
     logits = torch.matmul(q, k.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.size(-1)))
     if bias is not None:
         logits = logits + bias
@@ -29,6 +86,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if scores_out is not None:
         scores_out.add_(probs.squeeze(-2))
     return torch.matmul(probs.to(v.dtype), v)
+
+
+def attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Fused PyTorch attention, for CUDA without triton; it cannot return the probabilities."""
+    # The fused kernels want the mask in q's dtype; 0 and -inf are exact in fp16/bf16.
+    mask = None if bias is None else bias.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

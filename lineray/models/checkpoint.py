@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from lineray.models.layers import MergedColumnParallelLinear, sibling_prefix
+
 # Entries of LlamaGen-era checkpoints that are not weights of the inference model.
 IGNORED_SUFFIXES = ("freqs_cis", "causal_mask", "kv_cache.k_cache", "kv_cache.v_cache")
 WRAPPER_KEYS = ("model", "module", "state_dict")
@@ -109,6 +111,10 @@ def expected_tensors(model: nn.Module) -> dict[str, tuple[nn.Module, str, tuple[
     """checkpoint key -> (owning module, attribute name, full unsharded shape)."""
     out = {}
     for mod_name, mod in model.named_modules():
+        if isinstance(mod, MergedColumnParallelLinear):  # one fused weight, several checkpoint tensors
+            for name, shape in mod.full_shapes.items():
+                out[sibling_prefix(mod_name + ".") + name + ".weight"] = (mod, name, shape)
+            continue
         for pname, p in mod.named_parameters(recurse=False):
             key = f"{mod_name}.{pname}" if mod_name else pname
             full = getattr(mod, "full_shape", None) if pname == "weight" else None
@@ -142,9 +148,13 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, ema: bool = Fa
         raise CheckpointError(f"checkpoint {path} does not fit the model: " + "; ".join(problems))
     with torch.no_grad():
         for key, (mod, pname, _) in expected.items():
+            read = (lambda rows=None, cols=None, key=key: reader.read(key, rows, cols))
+            if isinstance(mod, MergedColumnParallelLinear):
+                mod.piece(pname).copy_(mod.load_part(pname, read).to(mod.weight.dtype))
+                continue
             param = getattr(mod, pname)
             if pname == "weight" and hasattr(mod, "load_shard"):
-                value = mod.load_shard(lambda rows=None, cols=None, key=key: reader.read(key, rows, cols))
+                value = mod.load_shard(read)
             else:
                 value = reader.read(key)
             param.copy_(value.to(param.dtype))

@@ -100,6 +100,57 @@ class QKVParallelLinear(ColumnParallelLinear):
         return torch.cat(parts)
 
 
+class MergedColumnParallelLinear(nn.Module):
+    """Several column-parallel projections of one input in one matmul (SwiGLU's gate and up).
+
+    Checkpoints keep the parts apart as siblings of this module (`w1.weight`,
+    `w3.weight`); each rank holds its own slice of every part, stacked in part order.
+    `state_dict()` writes the parts under their checkpoint keys; `merge_parts` is the
+    matching load_state_dict pre-hook (it must sit on the root module, which sees
+    the sibling keys first).
+    """
+
+    def __init__(self, in_features: int, parts: dict[str, int], tp: TPGroup = TPGroup()):
+        super().__init__()
+        self.tp = tp
+        self.full_shapes = {name: (n, in_features) for name, n in parts.items()}
+        self.local_sizes = [len(range(n)[tp.part(n)]) for n in parts.values()]
+        self.weight = nn.Parameter(torch.empty(sum(self.local_sizes), in_features))
+        self.register_state_dict_post_hook(_split_parts)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.linear(x, self.weight).split(self.local_sizes, dim=-1)
+
+    def piece(self, name: str) -> torch.Tensor:
+        """This rank's rows of one part: a view into the fused weight."""
+        i = list(self.full_shapes).index(name)
+        start = sum(self.local_sizes[:i])
+        return self.weight[start:start + self.local_sizes[i]]
+
+    def load_part(self, name: str, read: SliceReader) -> torch.Tensor:
+        return read(rows=self.tp.part(self.full_shapes[name][0]))
+
+
+def sibling_prefix(prefix: str) -> str:
+    """'layers.0.feed_forward.w13.' -> 'layers.0.feed_forward.'"""
+    return prefix[:prefix.rstrip(".").rfind(".") + 1]
+
+
+def _split_parts(module: MergedColumnParallelLinear, state_dict: dict, prefix: str, _meta) -> None:
+    weight = state_dict.pop(prefix + "weight")
+    for name, rows in zip(module.full_shapes, weight.split(module.local_sizes)):
+        state_dict[sibling_prefix(prefix) + name + ".weight"] = rows
+
+
+def merge_parts(root: nn.Module, state_dict: dict, prefix: str, *_args) -> None:
+    """load_state_dict pre-hook for a model holding MergedColumnParallelLinear layers: parts -> fused key."""
+    for mod_name, mod in root.named_modules(prefix=prefix.rstrip(".")):
+        if isinstance(mod, MergedColumnParallelLinear):
+            keys = [sibling_prefix(mod_name + ".") + name + ".weight" for name in mod.full_shapes]
+            if all(k in state_dict for k in keys):
+                state_dict[mod_name + ".weight"] = torch.cat([state_dict.pop(k) for k in keys])
+
+
 class RowParallelLinear(nn.Module):
     """y = x W^T with W's input columns split across ranks, then summed over the group."""
 
@@ -115,3 +166,6 @@ class RowParallelLinear(nn.Module):
 
     def load_shard(self, read: SliceReader) -> torch.Tensor:
         return read(cols=self.tp.part(self.full_shape[1]))
+
+
+SPLIT_LAYERS = (ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear)  # QKV is a Column subclass

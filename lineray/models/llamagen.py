@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from lineray.kernels.rope import apply_rope, rope_table_2d
 from lineray.models.config import GPTConfig
-from lineray.models.layers import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear, TPGroup
+from lineray.models.layers import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
+                                   RowParallelLinear, TPGroup, merge_parts)
 
 
 class RMSNorm(nn.Module):
@@ -55,12 +56,13 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: GPTConfig, tp: TPGroup):
         super().__init__()
-        self.w1 = ColumnParallelLinear(cfg.dim, cfg.ffn_hidden, tp)
-        self.w3 = ColumnParallelLinear(cfg.dim, cfg.ffn_hidden, tp)
+        # w1 (gate) and w3 (up) in one matmul; checkpoints still hold them as w1/w3.
+        self.w13 = MergedColumnParallelLinear(cfg.dim, {"w1": cfg.ffn_hidden, "w3": cfg.ffn_hidden}, tp)
         self.w2 = RowParallelLinear(cfg.ffn_hidden, cfg.dim, tp)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -125,6 +127,7 @@ class Transformer(nn.Module):
         self.output = ColumnParallelLinear(cfg.dim, cfg.vocab_size, tp, gather_output=True)  # vocab-parallel head
         rope = rope_table_2d(cfg.grid_size, cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.cls_token_num)
         self.register_buffer("rope", rope, persistent=False)
+        self.register_load_state_dict_pre_hook(merge_parts)  # checkpoint-layout state dicts load too
 
     @property
     def local_heads(self) -> int:
@@ -142,6 +145,19 @@ class Transformer(nn.Module):
                 with torch.no_grad():
                     p.normal_(0.0, std, generator=generator)
         nn.init.zeros_(self.output.weight)
+        return self
+
+    def compile_dense(self) -> "Transformer":
+        """torch.compile the dense per-token work of every block (norms, gate/up/down).
+
+        Attention and the KV cache stay eager: their shapes change every step and the
+        eviction bookkeeping is Python. dynamic=True: one graph serves every batch size.
+        Off by default (ReplicaConfig.compile): the first batch pays the compile time.
+        """
+        for layer in self.layers:
+            for part in (layer.attention_norm, layer.ffn_norm, layer.feed_forward):
+                part.compile(dynamic=True)
+        self.norm.compile(dynamic=True)
         return self
 
     # -- condition ----------------------------------------------------------

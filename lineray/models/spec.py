@@ -6,6 +6,7 @@ worker builds its own shard from it. The bundled digits model is the default.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -13,7 +14,7 @@ import torch
 
 from lineray.models.checkpoint import load_checkpoint
 from lineray.models.config import GPTConfig, preset
-from lineray.models.layers import TPGroup
+from lineray.models.layers import MergedColumnParallelLinear, TPGroup
 from lineray.models.llamagen import Transformer
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -145,8 +146,14 @@ def _init_shards_consistently(model: Transformer, seed: int) -> None:
 
     The output head gets random weights too (LlamaGen's zero init would make all logits equal).
     """
-    for i, (_, mod) in enumerate(m for m in model.named_modules() if hasattr(m[1], "load_shard")):
+    tensors = []  # (this rank's weight rows, its loader, full shape) for every split checkpoint tensor
+    for mod in model.modules():
+        if isinstance(mod, MergedColumnParallelLinear):
+            tensors += [(mod.piece(name), partial(mod.load_part, name), shape) for name, shape in mod.full_shapes.items()]
+        elif hasattr(mod, "load_shard"):
+            tensors.append((mod.weight, mod.load_shard, mod.full_shape))
+    for i, (target, load, shape) in enumerate(tensors):
         gen = torch.Generator().manual_seed(seed * 100_003 + i + 1)
-        full = torch.empty(mod.full_shape).normal_(0, 0.02, generator=gen)
+        full = torch.empty(shape).normal_(0, 0.02, generator=gen)
         with torch.no_grad():
-            mod.weight.copy_(mod.load_shard(lambda rows=None, cols=None, full=full: slice_2d(full, rows, cols)))
+            target.copy_(load(lambda rows=None, cols=None, full=full: slice_2d(full, rows, cols)))

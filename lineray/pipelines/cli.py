@@ -18,7 +18,8 @@ _CACHE_FLAGS = {k: f"cache.{k}" for k in ("policy", "rho", "lines", "recent_line
                                           "head_aggregate", "cfg_shared")}
 _SAMPLING_FLAGS = {k: f"sampling.{k}" for k in ("cfg_scale", "cfg_interval", "temperature", "top_k", "top_p")}
 _JOB_FLAGS = {"source": "source", "output": "output", "format": "format", "replicas": "replicas", "tp": "tp",
-              "batch_size": "batch_size", "seed": "seed", "shard_rows": "shard_rows", "device": "device",
+              "batch_size": "batch_size", "memory_budget_gib": "memory_budget_gib",
+              "max_batch_size": "max_batch_size", "seed": "seed", "shard_rows": "shard_rows", "device": "device",
               "text_encoder": "text_encoder"}
 
 
@@ -31,7 +32,11 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--format", choices=["jsonl", "csv", "parquet"], help="prompt format (default: by extension)")
     g.add_argument("--replicas", type=int, help="model replicas")
     g.add_argument("--tp", type=int, help="tensor-parallel size of each replica")
-    g.add_argument("--batch-size", type=int, help="images per generation batch")
+    g.add_argument("--batch-size", type=_int_or_text, metavar="N|auto",
+                   help="images per generation batch; auto (default): the largest that fits memory")
+    g.add_argument("--memory-budget-gib", type=float,
+                   help="memory one replica rank may use for weights + K/V + activations (default: derived)")
+    g.add_argument("--max-batch-size", type=int, help="largest batch auto picks (default 64)")
     g.add_argument("--seed", type=int, help="job seed (image seeds derive from it, the id and the image index)")
     g.add_argument("--shard-rows", type=int, help="prompt rows per output file (the unit of resume)")
     g.add_argument("--device", help="cpu or cuda")
@@ -42,6 +47,14 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     add_cache_arguments(p)
     add_sampling_arguments(p)
+
+
+def _int_or_text(text: str) -> int | str:
+    """--batch-size: a number, else the text as is (JobConfig names a bad value)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def job_from_args(args):

@@ -7,7 +7,8 @@
     sampling: {cfg_scale: 4.0, top_k: 2000}
     replicas: 4
     tp: 2
-    batch_size: 16
+    batch_size: auto                        # or a number; auto = the largest batch that fits memory
+    memory_budget_gib: 20                   # one rank's memory for weights + K/V + activations
     seed: 0
 """
 from __future__ import annotations
@@ -67,8 +68,11 @@ class JobConfig:
     replicas: int = 1
     tp: int = 1
     device: str = "cpu"
-    batch_size: int = 8
+    batch_size: int | str = "auto"  # images per generation batch; auto: the largest that fits (pipelines.batching)
+    memory_budget_gib: float | None = None  # one replica rank's memory for weights + K/V + activations; None = derive
+    max_batch_size: int = 64  # cap for auto: on a CPU, batches beyond a few dozen images stop paying, blocks grow
     decode_batch_size: int | None = None  # None = batch_size
+    compile: bool = False  # torch.compile the dense parts of the decode step (pays on GPUs, not on small CPUs)
     seed: int = 0  # job seed: image seeds derive from (seed, id, image index)
     shard_rows: int = 256  # prompt rows per output file: the unit of commit and resume
     max_count: int = 1000  # largest `count` a prompt row may ask for
@@ -81,10 +85,15 @@ class JobConfig:
     progress_interval_s: float = 10.0  # seconds between progress lines when stderr is not a terminal
 
     def __post_init__(self):
-        for name in ("replicas", "tp", "batch_size", "shard_rows", "max_count"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise JobConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+        for name in ("replicas", "tp", "max_batch_size", "shard_rows", "max_count"):
+            if not _whole(getattr(self, name)):
+                raise JobConfigError(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}")
+        if self.batch_size != "auto" and not _whole(self.batch_size):
+            raise JobConfigError(f"batch_size must be a whole number >= 1 or auto, got {self.batch_size!r}")
+        budget = self.memory_budget_gib
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not 0 < budget < float("inf")):
+            raise JobConfigError(f"memory_budget_gib must be a number of GiB > 0, got {budget!r}")
         if self.decode_batch_size is not None and self.decode_batch_size < 1:
             raise JobConfigError(f"decode_batch_size must be >= 1, got {self.decode_batch_size!r}")
         if not self.source:
@@ -146,13 +155,19 @@ class JobConfig:
 
     @property
     def read_ahead_images(self) -> int:
+        if self.batch_size == "auto":
+            raise ValueError("batch_size auto is not resolved yet (pipelines.batching.resolve_batch_size)")
         return self.read_ahead or 2 * self.shard_rows + 8 * self.replicas * self.batch_size
 
     @property
     def replica_config(self):
         from lineray.workers.replica import ReplicaConfig
         return ReplicaConfig(model=self.model, cache=self.cache, sampling=self.sampling, tp=self.tp,
-                             device=self.device)
+                             device=self.device, compile=self.compile)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def resolve_sampling(model: ModelSpec, given: dict | None) -> SamplingConfig:

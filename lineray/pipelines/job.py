@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from lineray.pipelines.batching import resolve_batch_size
 from lineray.pipelines.config import JobConfig, JobConfigError
 from lineray.pipelines.prompts import RowRules
 from lineray.pipelines.sink import Output, ShardSink
@@ -281,6 +282,7 @@ class JobSummary:
     total_images: int  # in the whole dataset
     total_errors: int
     total_shards: int
+    batch_size: int  # images per generation batch in this run (batch_size auto resolved)
 
     @property
     def images_per_s(self) -> float:
@@ -364,13 +366,16 @@ def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True, n
     log = log or (lambda msg: print(f"[lineray] {msg}", file=sys.stderr, flush=True))
     t0 = time.time()
     rules = check_job(job)
+    batch = resolve_batch_size(job)  # before the output is touched: a batch that cannot fit fails here
     source = PromptSource(job.source, job.format, job.storage_options)
     out = Output(job.output, job.storage_options)
     rows_per_file = source.count_rows()
-    committed = prepare_output(job, out, overwrite)
+    committed = prepare_output(job, out, overwrite)  # records the job as given (batch_size may be auto)
     total_rows = sum(rows_per_file.values()) - sum(e["rows"] for e in committed.values())
     log(f"{len(rows_per_file)} prompt file(s), ~{total_rows} rows to do, {len(committed)} shards already done; "
         f"model {model_name(job)}, cache {cache_policy_name(job)}, {job.replicas} replica(s) x tp={job.tp}")
+    log(batch.line())
+    job = job.replace(batch_size=batch.size)  # the batch is not in the fingerprint: resume may change it
 
     address = job.ray_address or os.environ.get("RAY_ADDRESS")
     need = math.ceil(job.resources.logical_cpus(job.replicas, job.tp))
@@ -409,7 +414,7 @@ def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True, n
         output=job.output, images=sum(e["images"] for e in new), prompts=sum(e["rows"] for e in new),
         errors=sum(e["errors"] for e in new), shards=len(new), skipped_shards=len(committed),
         wall_s=time.time() - t0, total_images=sum(e["images"] for e in final.values()),
-        total_errors=sum(e["errors"] for e in final.values()), total_shards=len(final))
+        total_errors=sum(e["errors"] for e in final.values()), total_shards=len(final), batch_size=job.batch_size)
     out.write_json(out.path("_summary.json"), summary.to_dict())
     if out.is_local and out.fs.exists(out.path("_tmp")):
         out.fs.rm(out.path("_tmp"), recursive=True)

@@ -23,6 +23,7 @@ class ReplicaConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     tp: int = 1
     device: str = "cpu"
+    compile: bool = False  # torch.compile the dense parts of the step (Transformer.compile_dense)
 
 
 class LocalReplica:
@@ -31,6 +32,8 @@ class LocalReplica:
     def __init__(self, cfg: ReplicaConfig):
         self.cfg = cfg
         self.model = cfg.model.build_model(device=cfg.device)
+        if cfg.compile:
+            self.model.compile_dense()
         self._cache = None  # reused while the batch size stays the same
 
     @property

@@ -23,6 +23,7 @@ import torch
 
 from lineray.cache.kv import MemoryReport
 from lineray.models.generate import Condition, generate_tokens, new_cache
+from lineray.models.layers import SPLIT_LAYERS
 from lineray.workers.parallel_state import Rendezvous, join_tp_group, leave_tp_group, time_all_reduce
 from lineray.workers.replica import ReplicaConfig
 
@@ -50,7 +51,8 @@ class _StopEarly(Exception):
 def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     """(all parameter bytes, bytes of parameters in tensor-parallel layers)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    sharded = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if hasattr(m, "load_shard"))
+    sharded = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+                  if isinstance(m, SPLIT_LAYERS))
     return total, sharded
 
 
@@ -83,6 +85,8 @@ class TPWorker:
                                 timeout_s=timeout_s, listener=self._listener)
         self._listener = None
         self.model = self.cfg.model.build_model(tp=self.tp, device=self.cfg.device)
+        if self.cfg.compile:
+            self.model.compile_dense()
         return self.info()
 
     # -- work ------------------------------------------------------------------
