@@ -29,9 +29,13 @@ sample: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The numbers in the README's Benchmarks section (~25 min on 2 cores; run on a quiet machine).
 bench: setup
-	$(BIN)/python benchmarks/decode_throughput.py --suite engine
-	$(BIN)/python benchmarks/decode_throughput.py --suite cache
+	$(BIN)/python benchmarks/decode_throughput.py --suite reference --grids 24 --batches 4 --dtypes float32
+	$(BIN)/python benchmarks/decode_throughput.py --suite cache --grids 24 --batches 4 --dtypes float32
+	$(BIN)/python benchmarks/max_batch.py --verify
+	$(BIN)/python benchmarks/max_batch.py --measure --kv-cap-gib 0.5 --dtype float32 --presets GPT-B \
+		--csv benchmarks/results/max_batch_0.5gib_fp32.csv
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

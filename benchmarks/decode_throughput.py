@@ -6,13 +6,12 @@
     python benchmarks/decode_throughput.py --suite compile    # eager vs torch.compile'd dense parts
 
 Random weights (no checkpoint download is possible here); timing does not depend on
-the values. Every case runs in its own process (so peak RSS is the case's own): one
-whole generation (prefill + all image tokens, CFG on) to warm up, then a timed one
-with the same batch, as a replica does batch after batch in a job. The warm-up time
-is reported as `cold_s`: the CPU math libraries pay a one-time cost per new matrix
-shape, and a growing cache meets a new shape at every step of the first batch.
-`--no-warmup` times the first generation instead. A policy may end in `+compile`
-(ReplicaConfig.compile). Ratios are to the first case of each group, same run.
+the values. Every case runs in its own process (so peak RSS is the case's own) and
+times one whole generation (prefill + all image tokens, CFG on). `--warmup` first
+runs an untimed one (its time is `cold_s`); cases whose policy ends in `+compile`
+(ReplicaConfig.compile) always warm up, so compile time is not counted as decode
+time. Ratios are to the first case of each group, measured in the same run.
+Run on a quiet machine: on 2 cores any other process shows up in the numbers.
 """
 from __future__ import annotations
 
@@ -86,7 +85,7 @@ def main() -> None:
     ap.add_argument("--presets"), ap.add_argument("--grids"), ap.add_argument("--batches")
     ap.add_argument("--dtypes"), ap.add_argument("--policies")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-warmup", action="store_true", help="time the first generation (cold) instead")
+    ap.add_argument("--warmup", action="store_true", help="run one untimed generation first")
     ap.add_argument("--csv", default=None, help="CSV path (default benchmarks/results/decode_<suite>.csv)")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -100,7 +99,7 @@ def main() -> None:
             suite[key] = [int(v) for v in vals] if key in ("grids", "batches") else vals
     print(f"machine: {machine()}")
     print(f"settings: {suite}, CFG 4.0 (2 rows per image), top-k 2000, random weights, whole generations, "
-          f"{'cold (first generation timed)' if args.no_warmup else 'timed after one warm-up generation'}")
+          f"{'timed after one warm-up generation' if args.warmup else 'first generation timed'}")
     rows = []
     for preset in suite["presets"]:
         for grid in suite["grids"]:
@@ -109,7 +108,8 @@ def main() -> None:
                     base = None
                     for policy in suite["policies"]:
                         case = dict(preset=preset, grid=grid, batch=batch, dtype=dtype, policy=policy,
-                                    threads=args.threads, warmup=not args.no_warmup)
+                                    threads=args.threads,
+                                    warmup=args.warmup or policy.endswith("+compile"))
                         r = case | run_isolated(__file__, case)
                         base = base or r
                         r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]

@@ -1,11 +1,16 @@
 """The largest batch that fits a memory cap, per cache policy.
 
     python benchmarks/max_batch.py [--kv-cap-gib 8] [--device-gib 80] [--grid 24] [--verify]
+    python benchmarks/max_batch.py --measure --kv-cap-gib 0.5 --dtype float32 --measure-policies full,linear:1/6
 
 K/V memory is static and preallocated, so it is exact arithmetic (checked against a
 real allocation with --verify). Two caps: a pure K/V cap (the issue's "8 GiB of K/V")
 and a whole-device budget (weights + K/V + per-step activations), the latter being
 what jobs use to pick their default batch size.
+
+--measure then runs GPT-B at each policy's largest batch under the K/V cap (one whole
+generation each, in its own process, via decode_throughput.py): the throughput a
+fixed amount of cache memory buys, side by side.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, print_table, write_csv  # noqa: E402
+from common import machine, print_table, run_isolated, write_csv  # noqa: E402
 
 from lineray.cache import CacheSpec  # noqa: E402
 from lineray.models.config import preset  # noqa: E402
@@ -38,6 +43,10 @@ def main() -> None:
     ap.add_argument("--device-gib", type=float, default=80.0)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--verify", action="store_true", help="allocate GPT-B caches and compare with the plan")
+    ap.add_argument("--measure", action="store_true",
+                    help="run GPT-B at each policy's largest batch under --kv-cap-gib and compare throughput")
+    ap.add_argument("--measure-policies", default="full,linear:1/6")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--csv", default=str(Path(__file__).parent / "results" / "max_batch.csv"))
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -70,6 +79,29 @@ def main() -> None:
                   f"{'OK' if got == want else 'MISMATCH'}")
             del cache
     print(f"\nwrote {write_csv(rows, args.csv)}")
+    if args.measure:
+        measure(args, dtype)
+
+
+def measure(args, dtype: torch.dtype) -> None:
+    """Throughput of GPT-B at the largest batch each policy fits under the K/V cap."""
+    script = str(Path(__file__).parent / "decode_throughput.py")
+    cfg = preset("GPT-B", grid_size=args.grid)
+    rows, base = [], None
+    for policy in args.measure_policies.split(","):
+        batch = int(args.kv_cap_gib * 2**30 // memory_plan(cfg, spec(policy), dtype).kv_bytes_per_image)
+        case = dict(preset="GPT-B", grid=args.grid, batch=batch, dtype=args.dtype, policy=policy,
+                    threads=args.threads, warmup=False)
+        r = case | run_isolated(script, case)
+        base = base or r
+        r["throughput_vs_full"] = r["images_per_s"] / base["images_per_s"]
+        rows.append(r)
+        print(f"  {policy} at batch {batch}: {r['images_per_s']:.3f} img/s", flush=True)
+    cols = ["policy", "batch", "kv_mib", "tokens_per_s", "images_per_s", "step_ms", "peak_rss_mib",
+            "throughput_vs_full"]
+    print_table(rows, cols, title=f"GPT-B {args.grid}x{args.grid} {args.dtype}, the largest batch under "
+                                  f"{args.kv_cap_gib} GiB of K/V")
+    print(f"\nwrote {write_csv(rows, Path(args.csv).with_name('max_batch_measured.csv'))}")
 
 
 if __name__ == "__main__":

@@ -202,6 +202,9 @@ def main() -> None:
         print("RESULT " + json.dumps(fn()), flush=True)
         return
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import machine
+    print(f"machine: {machine()}")
     if not args.skip_efficiency:
         # Other load on the machine moves both numbers: the bare replica is measured before and after
         # the job, in the same Ray session and the same kind of 1-CPU actor; the mean is the reference.

@@ -5,10 +5,16 @@
 A thin wrapper over `lineray eval` (lineray.quality.runner); the same options apply.
 """
 import argparse
+import sys
+from pathlib import Path
 
-from lineray.quality import add_arguments, run
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
+
+from lineray.quality import add_arguments, run  # noqa: E402
 
 if __name__ == "__main__":
+    print(f"machine: {machine()}")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     raise SystemExit(run(parser.parse_args()))

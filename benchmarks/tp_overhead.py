@@ -20,12 +20,16 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import argparse  # noqa: E402
 import csv  # noqa: E402
 import shutil  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
 
 from lineray.cache import CacheSpec  # noqa: E402
 from lineray.cluster.local import ray_session  # noqa: E402
@@ -120,7 +124,8 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    print(f"{args.preset} {args.grid}x{args.grid}, batch {args.batch} (CFG {args.cfg_scale:g}), {args.dtype}, "
+    print(f"machine: {machine()}")
+    print(f"settings: {args.preset} {args.grid}x{args.grid}, batch {args.batch} (CFG {args.cfg_scale:g}), {args.dtype}, "
           f"{args.tokens or 'all'} tokens per run, {args.cpus:g} CPUs, torch {torch.__version__}")
     temp_dir = tempfile.mkdtemp(prefix="lr-bench-", dir="/tmp")
     try:
