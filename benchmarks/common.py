@@ -25,6 +25,13 @@ def machine() -> str:
             f"{gpu}, Python {platform.python_version()}")
 
 
+def cache_spec(policy: str):
+    """"linear:1/6" -> CacheSpec(policy="linear", rho=1/6); "full" -> CacheSpec(policy="full")."""
+    from lineray.cache import CacheSpec
+    name, _, rho = policy.partition(":")
+    return CacheSpec.from_dict({"policy": name, "rho": rho} if rho else {"policy": name})
+
+
 def print_table(rows: list[dict], columns: list[str], title: str = "") -> None:
     if title:
         print(f"\n{title}")

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, peak_rss_mib, print_table, run_isolated, write_csv  # noqa: E402
+from common import cache_spec, machine, peak_rss_mib, print_table, run_isolated, write_csv  # noqa: E402
 
 SUITES = {
     "engine": dict(presets=["GPT-B"], grids=[16, 24], batches=[4, 16], dtypes=["float32", "bfloat16"],
@@ -36,12 +36,6 @@ SUITES = {
 }
 
 
-def cache_spec(policy: str):
-    from lineray.cache import CacheSpec
-    name, _, rho = policy.removesuffix("+compile").partition(":")
-    return CacheSpec.from_dict({"policy": name, "rho": rho} if rho else {"policy": name})
-
-
 def run_case(case: dict) -> dict:
     import torch
 
@@ -50,19 +44,18 @@ def run_case(case: dict) -> dict:
     from lineray.models.spec import ModelSpec
 
     torch.set_num_threads(case["threads"])
+    policy, compiled = case["policy"].removesuffix("+compile"), case["policy"].endswith("+compile")
     model = ModelSpec(preset=case["preset"], checkpoint=None, decoder=None, grid_size=case["grid"],
-                      dtype=case["dtype"]).build_model()
-    if case["policy"].endswith("+compile"):
-        model.compile_dense()
+                      dtype=case["dtype"]).build_model(compile=compiled)
     n_img = case["batch"]
     sampling = SamplingConfig(cfg_scale=4.0, top_k=2000)
     cond = Condition.classes([i % 1000 for i in range(n_img)])
     seeds = list(range(n_img))
-    if case["policy"] == "reference":
+    if policy == "reference":
         from reference_decode import PaddedStaticCache
         cache = PaddedStaticCache(model, rows=2 * n_img)
     else:
-        cache = new_cache(model, cache_spec(case["policy"]), 2 * n_img, True)
+        cache = new_cache(model, cache_spec(policy), 2 * n_img, True)
     kv_bytes = cache.memory().kv_bytes
     fn = lambda: generate_tokens(model, cond, seeds, sampling=sampling, cache=cache)  # noqa: E731
     cold = None

@@ -21,18 +21,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, print_table, run_isolated, write_csv  # noqa: E402
+from common import cache_spec, machine, print_table, run_isolated, write_csv  # noqa: E402
 
-from lineray.cache import CacheSpec  # noqa: E402
 from lineray.models.config import preset  # noqa: E402
 from lineray.models.sizing import memory_plan  # noqa: E402
 
 POLICIES = ["full", "linear:1/4", "linear:1/6", "linear:1/8", "window:1/6", "heavy_hitter:1/6"]
-
-
-def spec(policy: str) -> CacheSpec:
-    name, _, rho = policy.partition(":")
-    return CacheSpec.from_dict({"policy": name, "rho": rho} if rho else {"policy": name})
 
 
 def main() -> None:
@@ -58,7 +52,7 @@ def main() -> None:
         cfg = preset(name, grid_size=args.grid)
         base = None
         for policy in POLICIES:
-            plan = memory_plan(cfg, spec(policy), dtype)
+            plan = memory_plan(cfg, cache_spec(policy), dtype)
             kv_cap_batch = int(args.kv_cap_gib * 2**30 // plan.kv_bytes_per_image)
             device_batch = plan.max_batch(int(args.device_gib * 2**30))
             base = base or (kv_cap_batch, device_batch)
@@ -72,8 +66,8 @@ def main() -> None:
         model = ModelSpec(preset="GPT-B", checkpoint=None, decoder=None, grid_size=args.grid,
                           dtype=args.dtype).build_model()
         for policy in POLICIES:
-            cache = new_cache(model, spec(policy), rows=2 * 4, use_cfg=True)
-            want = memory_plan(model.config, spec(policy), dtype).kv_bytes_per_image * 4
+            cache = new_cache(model, cache_spec(policy), rows=2 * 4, use_cfg=True)
+            want = memory_plan(model.config, cache_spec(policy), dtype).kv_bytes_per_image * 4
             got = cache.memory().kv_bytes
             print(f"verify GPT-B {policy}: allocated {got / 2**20:.1f} MiB for 4 images, planned {want / 2**20:.1f} MiB "
                   f"{'OK' if got == want else 'MISMATCH'}")
@@ -89,7 +83,7 @@ def measure(args, dtype: torch.dtype) -> None:
     cfg = preset("GPT-B", grid_size=args.grid)
     rows, base = [], None
     for policy in args.measure_policies.split(","):
-        batch = int(args.kv_cap_gib * 2**30 // memory_plan(cfg, spec(policy), dtype).kv_bytes_per_image)
+        batch = int(args.kv_cap_gib * 2**30 // memory_plan(cfg, cache_spec(policy), dtype).kv_bytes_per_image)
         case = dict(preset="GPT-B", grid=args.grid, batch=batch, dtype=args.dtype, policy=policy,
                     threads=args.threads, warmup=False)
         r = case | run_isolated(script, case)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lineray.models.layers import MergedColumnParallelLinear, sibling_prefix
+from lineray.models.layers import checkpoint_tensors
 
 # Entries of LlamaGen-era checkpoints that are not weights of the inference model.
 IGNORED_SUFFIXES = ("freqs_cis", "causal_mask", "kv_cache.k_cache", "kv_cache.v_cache")
@@ -107,21 +107,6 @@ def first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def expected_tensors(model: nn.Module) -> dict[str, tuple[nn.Module, str, tuple[int, ...]]]:
-    """checkpoint key -> (owning module, attribute name, full unsharded shape)."""
-    out = {}
-    for mod_name, mod in model.named_modules():
-        if isinstance(mod, MergedColumnParallelLinear):  # one fused weight, several checkpoint tensors
-            for name, shape in mod.full_shapes.items():
-                out[sibling_prefix(mod_name + ".") + name + ".weight"] = (mod, name, shape)
-            continue
-        for pname, p in mod.named_parameters(recurse=False):
-            key = f"{mod_name}.{pname}" if mod_name else pname
-            full = getattr(mod, "full_shape", None) if pname == "weight" else None
-            out[key] = (mod, pname, tuple(full) if full else tuple(p.shape))
-    return out
-
-
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, ema: bool = False,
                     ignore_prefixes: tuple[str, ...] = ()) -> None:
     """Load `path` into `model` strictly: every weight present, nothing unknown, every shape right.
@@ -130,13 +115,13 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, ema: bool = Fa
     names checkpoint parts the model does not use (e.g. a VQ model's encoder).
     """
     reader = CheckpointReader(path, ema=ema)
-    expected = expected_tensors(model)
+    expected = {t.key: t for t in checkpoint_tensors(model)}
     present = set(reader.keys())
     missing = sorted(k for k in expected if k not in present)
     unexpected = sorted(k for k in present if k not in expected
                         and not k.endswith(IGNORED_SUFFIXES) and not k.startswith(ignore_prefixes))
-    mismatched = sorted(f"{k} (checkpoint {list(reader.shape(k))}, model {list(expected[k][2])})"
-                        for k in expected if k in present and reader.shape(k) != expected[k][2])
+    mismatched = sorted(f"{k} (checkpoint {list(reader.shape(k))}, model {list(expected[k].full_shape)})"
+                        for k in expected if k in present and reader.shape(k) != expected[k].full_shape)
     problems = []
     if missing:
         problems.append(f"missing keys: {', '.join(missing)}")
@@ -147,14 +132,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, ema: bool = Fa
     if problems:
         raise CheckpointError(f"checkpoint {path} does not fit the model: " + "; ".join(problems))
     with torch.no_grad():
-        for key, (mod, pname, _) in expected.items():
+        for key, t in expected.items():
             read = (lambda rows=None, cols=None, key=key: reader.read(key, rows, cols))
-            if isinstance(mod, MergedColumnParallelLinear):
-                mod.piece(pname).copy_(mod.load_part(pname, read).to(mod.weight.dtype))
-                continue
-            param = getattr(mod, pname)
-            if pname == "weight" and hasattr(mod, "load_shard"):
-                value = mod.load_shard(read)
-            else:
-                value = reader.read(key)
-            param.copy_(value.to(param.dtype))
+            value = t.load_shard(read) if t.split else reader.read(key)
+            t.target.copy_(value.to(t.target.dtype))

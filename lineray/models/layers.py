@@ -3,7 +3,9 @@
 A model built from these reads like the unsplit model; with `TPGroup()` (size 1)
 they are plain linears. Each layer knows the full checkpoint shape of its weight
 and reads only its own slice of it (`load_shard`), so a rank never holds the
-whole tensor set. The group's collectives are plain torch.distributed calls.
+whole tensor set; `checkpoint_tensors(model)` lists every checkpoint tensor with
+where this rank's share of it goes. The group's collectives are plain
+torch.distributed calls.
 """
 from __future__ import annotations
 
@@ -16,6 +18,32 @@ import torch.nn.functional as F
 
 # read(rows=slice|None, cols=slice|None) -> tensor: a slice of one checkpoint tensor.
 SliceReader = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CheckpointTensor:
+    """One checkpoint tensor as this rank holds it."""
+    key: str
+    full_shape: tuple[int, ...]  # in the checkpoint (unsplit)
+    target: torch.Tensor  # where this rank's share goes: a parameter, or rows of a fused one
+    load_shard: Callable[[SliceReader], torch.Tensor] | None = None  # reads this rank's share; None: whole
+
+    @property
+    def split(self) -> bool:
+        return self.load_shard is not None
+
+
+def checkpoint_tensors(model: nn.Module) -> list[CheckpointTensor]:
+    """Every checkpoint tensor of a model (or of this rank's shard of it), in parameter order."""
+    out = []
+    for name, mod in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if hasattr(mod, "checkpoint_tensors"):  # the split layers below
+            out += mod.checkpoint_tensors(prefix)
+        else:
+            out += [CheckpointTensor(prefix + pname, tuple(p.shape), p)
+                    for pname, p in mod.named_parameters(recurse=False)]
+    return out
 
 
 @dataclass(frozen=True)
@@ -77,6 +105,9 @@ class ColumnParallelLinear(nn.Module):
     def load_shard(self, read: SliceReader) -> torch.Tensor:
         return read(rows=self.tp.part(self.full_shape[0]))
 
+    def checkpoint_tensors(self, prefix: str) -> list[CheckpointTensor]:
+        return [CheckpointTensor(prefix + "weight", self.full_shape, self.weight, self.load_shard)]
+
 
 class QKVParallelLinear(ColumnParallelLinear):
     """The fused wqkv projection; each rank gets whole heads of q, k and v."""
@@ -121,14 +152,12 @@ class MergedColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return F.linear(x, self.weight).split(self.local_sizes, dim=-1)
 
-    def piece(self, name: str) -> torch.Tensor:
-        """This rank's rows of one part: a view into the fused weight."""
-        i = list(self.full_shapes).index(name)
-        start = sum(self.local_sizes[:i])
-        return self.weight[start:start + self.local_sizes[i]]
-
-    def load_part(self, name: str, read: SliceReader) -> torch.Tensor:
-        return read(rows=self.tp.part(self.full_shapes[name][0]))
+    def checkpoint_tensors(self, prefix: str) -> list[CheckpointTensor]:
+        """One entry per part, keyed beside this module; targets are row views of the fused weight."""
+        pieces = self.weight.split(self.local_sizes)
+        return [CheckpointTensor(f"{sibling_prefix(prefix)}{name}.weight", shape, piece,
+                                 lambda read, n=shape[0]: read(rows=self.tp.part(n)))
+                for (name, shape), piece in zip(self.full_shapes.items(), pieces)]
 
 
 def sibling_prefix(prefix: str) -> str:
@@ -167,5 +196,6 @@ class RowParallelLinear(nn.Module):
     def load_shard(self, read: SliceReader) -> torch.Tensor:
         return read(cols=self.tp.part(self.full_shape[1]))
 
+    def checkpoint_tensors(self, prefix: str) -> list[CheckpointTensor]:
+        return [CheckpointTensor(prefix + "weight", self.full_shape, self.weight, self.load_shard)]
 
-SPLIT_LAYERS = (ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear)  # QKV is a Column subclass

@@ -6,7 +6,6 @@ worker builds its own shard from it. The bundled digits model is the default.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -14,7 +13,7 @@ import torch
 
 from lineray.models.checkpoint import load_checkpoint
 from lineray.models.config import GPTConfig, preset
-from lineray.models.layers import MergedColumnParallelLinear, TPGroup
+from lineray.models.layers import TPGroup, checkpoint_tensors
 from lineray.models.llamagen import Transformer
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -107,8 +106,11 @@ class ModelSpec:
             return BUNDLED_GPT
         return Path(self.checkpoint).expanduser()
 
-    def build_model(self, tp: TPGroup = TPGroup(), device: str | torch.device = "cpu") -> Transformer:
-        """The model (or this rank's shard of it) with its weights, in eval mode."""
+    def build_model(self, tp: TPGroup = TPGroup(), device: str | torch.device = "cpu",
+                    compile: bool = False) -> Transformer:
+        """The model (or this rank's shard of it) with its weights, in eval mode.
+
+        compile: torch.compile its dense parts (Transformer.compile_dense; off unless it pays)."""
         dtype = parse_dtype(self.dtype, device)
         model = Transformer(self.config(), tp)
         path = self.checkpoint_path()
@@ -119,7 +121,8 @@ class ModelSpec:
             _init_shards_consistently(model, self.seed)
         else:
             load_checkpoint(model, path, ema=self.ema)
-        return model.to(device=device, dtype=dtype).eval()
+        model = model.to(device=device, dtype=dtype).eval()
+        return model.compile_dense() if compile else model
 
     def build_decoder(self, device: str | torch.device = "cpu") -> ImageDecoder:
         if self.decoder == BUNDLED:
@@ -146,14 +149,8 @@ def _init_shards_consistently(model: Transformer, seed: int) -> None:
 
     The output head gets random weights too (LlamaGen's zero init would make all logits equal).
     """
-    tensors = []  # (this rank's weight rows, its loader, full shape) for every split checkpoint tensor
-    for mod in model.modules():
-        if isinstance(mod, MergedColumnParallelLinear):
-            tensors += [(mod.piece(name), partial(mod.load_part, name), shape) for name, shape in mod.full_shapes.items()]
-        elif hasattr(mod, "load_shard"):
-            tensors.append((mod.weight, mod.load_shard, mod.full_shape))
-    for i, (target, load, shape) in enumerate(tensors):
+    for i, t in enumerate(t for t in checkpoint_tensors(model) if t.split):
         gen = torch.Generator().manual_seed(seed * 100_003 + i + 1)
-        full = torch.empty(shape).normal_(0, 0.02, generator=gen)
+        full = torch.empty(t.full_shape).normal_(0, 0.02, generator=gen)
         with torch.no_grad():
-            target.copy_(load(lambda rows=None, cols=None, full=full: slice_2d(full, rows, cols)))
+            t.target.copy_(t.load_shard(lambda rows=None, cols=None, full=full: slice_2d(full, rows, cols)))

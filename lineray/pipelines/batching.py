@@ -33,7 +33,7 @@ def resolve_batch_size(job: JobConfig) -> BatchChoice:
 
     if job.batch_size != "auto" and job.memory_budget_gib is None:
         return BatchChoice(job.batch_size, "set in the job")
-    plan = memory_plan(job)
+    plan = job_memory_plan(job)
     budget, where = budget_bytes(job)
     fit = plan.max_batch(budget)
     cache = cache_policy_name(job)
@@ -50,7 +50,7 @@ def resolve_batch_size(job: JobConfig) -> BatchChoice:
     return BatchChoice(min(fit, job.max_batch_size), f"auto: {fit} fit {where} with {cache}{capped}")
 
 
-def memory_plan(job: JobConfig):
+def job_memory_plan(job: JobConfig):
     from lineray.models.sizing import memory_plan
     from lineray.models.spec import parse_dtype
 

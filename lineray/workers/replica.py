@@ -31,9 +31,7 @@ class LocalReplica:
 
     def __init__(self, cfg: ReplicaConfig):
         self.cfg = cfg
-        self.model = cfg.model.build_model(device=cfg.device)
-        if cfg.compile:
-            self.model.compile_dense()
+        self.model = cfg.model.build_model(device=cfg.device, compile=cfg.compile)
         self._cache = None  # reused while the batch size stays the same
 
     @property

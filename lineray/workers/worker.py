@@ -23,7 +23,7 @@ import torch
 
 from lineray.cache.kv import MemoryReport
 from lineray.models.generate import Condition, generate_tokens, new_cache
-from lineray.models.layers import SPLIT_LAYERS
+from lineray.models.layers import checkpoint_tensors
 from lineray.workers.parallel_state import Rendezvous, join_tp_group, leave_tp_group, time_all_reduce
 from lineray.workers.replica import ReplicaConfig
 
@@ -51,8 +51,7 @@ class _StopEarly(Exception):
 def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     """(all parameter bytes, bytes of parameters in tensor-parallel layers)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    sharded = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
-                  if isinstance(m, SPLIT_LAYERS))
+    sharded = sum(t.target.numel() * t.target.element_size() for t in checkpoint_tensors(model) if t.split)
     return total, sharded
 
 
@@ -84,9 +83,7 @@ class TPWorker:
         self.tp = join_tp_group(self.rank, self.cfg.tp, master_addr, master_port, device=self.cfg.device,
                                 timeout_s=timeout_s, listener=self._listener)
         self._listener = None
-        self.model = self.cfg.model.build_model(tp=self.tp, device=self.cfg.device)
-        if self.cfg.compile:
-            self.model.compile_dense()
+        self.model = self.cfg.model.build_model(tp=self.tp, device=self.cfg.device, compile=self.cfg.compile)
         return self.info()
 
     # -- work ------------------------------------------------------------------
