@@ -21,6 +21,8 @@ BUNDLED_JSON = ASSET_DIR / "gpt.json"
 BUNDLED_TOKENIZER = ASSET_DIR / "tokenizer.safetensors"
 BUNDLED_JUDGE = ASSET_DIR / "judge.safetensors"
 
+CLASS_NAMES = [str(d) for d in range(10)]  # class label d is the digit d
+
 GPT_FILE, GPT_JSON, TOKENIZER_FILE, JUDGE_FILE = "gpt.safetensors", "gpt.json", "tokenizer.safetensors", "judge.safetensors"
 
 
@@ -61,6 +63,6 @@ def load_bundled_judge():
     return DigitJudge.load(BUNDLED_JUDGE)
 
 
-__all__ = ["ASSET_DIR", "BUNDLED_GPT", "BUNDLED_JSON", "BUNDLED_TOKENIZER", "BUNDLED_JUDGE", "PatchTokenizer",
+__all__ = ["ASSET_DIR", "CLASS_NAMES", "BUNDLED_GPT", "BUNDLED_JSON", "BUNDLED_TOKENIZER", "BUNDLED_JUDGE", "PatchTokenizer",
            "bundled_config", "bundled_sampling", "load_bundled_tokenizer", "load_bundled_judge",
            "model_config", "model_sampling", "read_model_json"]
