@@ -76,15 +76,17 @@ def join_tp_group(rank: int, size: int, master_addr: str, master_port: int, *, d
     if dist.is_initialized():
         raise RuntimeError("this process is already in a torch.distributed group; call leave_tp_group() first")
     backend = default_backend(device)
+    iface = interface_of(master_addr)
     extra = {}
     if backend == "gloo":
-        iface = interface_of(master_addr)
         if iface is not None:  # gloo's own sockets go on the same interface as the store
             os.environ["GLOO_SOCKET_IFNAME"] = iface
     else:
         if device.index is None:
             raise ValueError(f"a NCCL rank needs a device with an index (cuda:N), got {device}")
         extra["device_id"] = device
+        if iface is not None:  # NCCL's bootstrap sockets too, unless the cluster chose an interface
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
     store = dist.TCPStore(master_addr, master_port, world_size=size, is_master=rank == 0,
                           timeout=timedelta(seconds=join_timeout_s),
                           master_listen_fd=listener.sock.detach() if listener is not None else None)

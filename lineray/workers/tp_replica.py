@@ -124,10 +124,15 @@ class TPReplica:
         cluster has, so a job that cannot be placed at all does not wait in silence.
         """
         o, tp = self.options, self.cfg.tp
+        want = f"{tp} bundles of {_resources(bundle)} on one node"
         t0 = time.monotonic()
-        while not self._pg.wait(timeout_seconds=max(1, round(o.placement_report_s))):
+        while True:
+            chunk = o.placement_report_s
+            if o.placement_timeout_s is not None:
+                chunk = min(chunk, o.placement_timeout_s - (time.monotonic() - t0))
+            if self._pg.wait(timeout_seconds=max(1, round(chunk))):  # whole seconds only
+                return
             waited = time.monotonic() - t0
-            want = f"{tp} bundles of {_resources(bundle)} on one node"
             if o.placement_timeout_s is not None and waited >= o.placement_timeout_s:
                 raise ReplicaError(f"{self.name}: could not reserve {want} within {o.placement_timeout_s:g}s "
                                    f"({_cluster_summary(bundle)})")
