@@ -70,11 +70,11 @@ class TPGroup:
         # One output tensor (no list of parts): the ranks' parts one after another along dim 0.
         out = padded.new_empty((self.size * padded.size(0), *padded.shape[1:]))
         _all_gather_single(out, padded, group=self.group)
-        full = out.view(self.size, *padded.shape).movedim(0, -2).reshape(*padded.shape[:-1], self.size * width)
+        parts = out.view(self.size, *padded.shape)
         if width * self.size == n:
-            return full
-        keep = [r * width + i for r in range(self.size) for i in range(len(range(n)[self.part(n, r)]))]
-        return full[..., keep]
+            return parts.movedim(0, -2).reshape(*padded.shape[:-1], n)
+        sizes = [self.part(n, r).stop - self.part(n, r).start for r in range(self.size)]
+        return torch.cat([parts[r, ..., :k] for r, k in enumerate(sizes)], dim=-1)
 
     def split(self, n: int, what: str) -> int:
         """Exact split (attention heads must not be cut)."""
