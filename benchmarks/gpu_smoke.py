@@ -107,7 +107,9 @@ def run_case(case: dict) -> dict:
         peak = torch.cuda.max_memory_allocated(device) / GiB if cuda else peak_rss_mib() / 1024
         n_tok = model.config.image_tokens
         host_idle = host_idle_share(run, device, n_tok)
-    except torch.cuda.OutOfMemoryError:
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as e:  # OOM inside a graph capture is a plain RuntimeError
+        if "out of memory" not in str(e):
+            raise
         return dict(error="out of GPU memory")
     return dict(ms_per_step=seconds / n_tok * 1e3, images_per_s=n / seconds, kv_gib=cache.memory().kv_bytes / GiB,
                 peak_gib=peak, host_idle=host_idle)
