@@ -42,12 +42,20 @@ def set_tf32(on: bool) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
 
+def tf32_on() -> bool:
+    try:
+        return torch.backends.cuda.matmul.fp32_precision == "tf32"
+    except AttributeError:  # torch < 2.9
+        return torch.backends.cuda.matmul.allow_tf32
+
+
 @pytest.fixture
 def exact_fp32():
     """TF32 off, so fp32 on the GPU rounds like fp32 on the CPU."""
+    saved = tf32_on()
     set_tf32(False)
     yield
-    set_tf32(False)
+    set_tf32(saved)
 
 
 def assert_same_images(tokens, logits, ref_tokens, ref_logits, atol):
@@ -100,18 +108,16 @@ def test_cuda_graph_replay_equals_the_eager_step(policy, exact_fp32):
     assert torch.equal(two.tokens, eager.tokens[[2, 0]])
 
 
-def test_a_local_replica_on_cuda_uses_the_current_gpu_with_tf32():
+def test_a_local_replica_on_cuda_uses_the_current_gpu_with_tf32(exact_fp32):
     from lineray.workers.replica import make_replica
-    set_tf32(False)
     tokens, logits = reference("full")
     replica = make_replica(ReplicaConfig(model=TINY, sampling=SAMPLING, device="cuda"))
     assert replica.device == torch.device("cuda", torch.cuda.current_device())
     assert replica.model.tok_embeddings.weight.device == replica.device
-    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    assert tf32_on()
     out = generate_tokens(replica.model, COND, SEEDS, sampling=SAMPLING, return_logits=True)
     assert_same_images(out.tokens, out.logits, tokens, logits, atol=2e-2)
     assert torch.equal(replica.generate(COND, SEEDS), out.tokens.cpu())
-    set_tf32(False)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
