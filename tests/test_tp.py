@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import time
 
@@ -26,7 +27,7 @@ from lineray.models.spec import ModelSpec  # noqa: E402
 from lineray.workers.instrumented import InstrumentedTPReplica  # noqa: E402
 from lineray.workers.replica import ReplicaConfig, make_replica  # noqa: E402
 from lineray.workers.tp_replica import ReplicaError, TPOptions, TPReplica  # noqa: E402
-from lineray.workers.worker import weight_bytes  # noqa: E402
+from lineray.workers.worker import TPWorker, weight_bytes  # noqa: E402
 
 TINY = ModelSpec(preset="GPT-tiny", checkpoint=None, decoder=None, grid_size=8)
 SAMPLING = SamplingConfig(cfg_scale=4.0, temperature=1.0)
@@ -229,6 +230,36 @@ def test_a_killed_or_stopped_worker_is_reported_not_waited_on(ray_local):
             if psutil.pid_exists(info.pid):
                 os.kill(info.pid, signal.SIGCONT)
         replica.shutdown()
+
+
+class WedgedWorker(TPWorker):
+    """Rank 1 stops in the middle of a batch without dying: it still answers pings, and rank 0 waits
+    in a collective for it (as a GPU stuck in a kernel, or a collective whose peer never comes)."""
+
+    def _generate(self, *args, on_step=None, **kw):
+        def wedge(i):
+            if self.rank == 1 and i == 5:
+                time.sleep(600)
+        return super()._generate(*args, on_step=wedge, **kw)
+
+
+class WedgedReplica(TPReplica):
+    worker_class = WedgedWorker
+
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+
+
+@pytest.mark.timeout(180)
+def test_a_rank_that_answers_pings_but_makes_no_progress_fails_the_batch(ray_local):
+    opts = TPOptions(poll_s=0.05, ping_timeout_s=5.0, stall_timeout_s=3.0, setup_timeout_s=120.0, max_retries=0)
+    with WedgedReplica(config(), opts) as replica:
+        t0 = time.monotonic()
+        with pytest.raises(ReplicaError, match=r"no token finished on every rank's device for 3s "
+                                               r"\(stuck at token 6/64\)"):
+            replica.generate(COND, SEEDS)
+        assert time.monotonic() - t0 < 30  # the watchdog, not the 60 s collective timeout
+        assert replica.placement_group_id is None
 
 
 @ray.remote(num_cpus=0.1)

@@ -255,7 +255,7 @@ class TPReplica:
             if step > best:
                 best, best_t = step, time.monotonic()
             elif time.monotonic() - best_t > o.stall_timeout_s:
-                raise _WorkerFailure(f"no rank made progress for {o.stall_timeout_s:g}s "
+                raise _WorkerFailure(f"no token finished on every rank's device for {o.stall_timeout_s:g}s "
                                      f"(stuck at token {step}/{n_tokens})")
         return [self._get(ref, r, method) for r, ref in enumerate(refs)]
 
