@@ -4,8 +4,8 @@ Per case, each in a fresh process (so its peak memory is its own): ms per decode
 images/s over one whole generation (timed after a warm-up generation, which captures the
 CUDA graphs), K/V GiB, peak GPU memory, and host_idle: the share of steady-state decode
 time in which the GPU has no kernel to run because it waits for the host to launch one
-(torch.profiler over 32 steps after the first lines: 1 - kernel time / wall time; in
-steady state the host and the GPU go at the same pace, so wall time is the GPU's span).
+(torch.profiler over 32 steps after the first lines, from an idle GPU until their last
+kernel is done: 1 - kernel time / wall time).
 Step modes (generate_tokens(step_mode=...)): "dynamic" is the eager step, "cuda_graph"
 its static-shape twin replayed as one CUDA graph. Speedup is to the full cache of the
 same model, batch and mode. A case that does not fit in the GPU's memory says so.
@@ -47,24 +47,32 @@ def host_idle_share(run, device, n_tokens: int) -> float | None:
 
     cuda = device.type == "cuda"
     wait, warmup, active = min(64, n_tokens // 4), 4, min(32, n_tokens // 2)
+    first, last = wait + warmup - 1, wait + warmup + active - 1  # the on_step calls that open and close recording
     marks = {}
 
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+
     def on_step(i: int) -> None:
-        prof.step()
-        if i == wait + warmup:
-            marks["start"] = time.perf_counter()
-        if i == wait + warmup + active:
+        # The window starts on an idle GPU and ends when its last kernel is done (CUPTI drops kernels that
+        # finish after recording stops); at most one step's launch time is counted twice over 32 steps.
+        if i == last:
+            sync()
             marks["end"] = time.perf_counter()
+        if i == first:
+            sync()
+        prof.step()
+        if i == first:
+            marks["start"] = time.perf_counter()
+        if i == last:
             raise _Stop
 
     # Kernels only: recording every CPU op would add host time of its own.
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU], schedule=schedule(wait=wait, warmup=warmup, active=active)) as prof:
+    activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+    with profile(activities=[activity], schedule=schedule(wait=wait, warmup=warmup, active=active)) as prof:
         try:
             run(on_step=on_step)
         except _Stop:
             pass
-        if cuda:
-            torch.cuda.synchronize(device)
     if not cuda:
         return None
     busy_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
