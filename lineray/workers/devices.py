@@ -66,10 +66,17 @@ def setup_device(device: str | torch.device) -> torch.device:
     full fp32 at ~1e-3 relative error; bf16 models are unaffected.
     """
     device = local_device(device)
+    make_current(device)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
         enable_tf32()
     return device
+
+
+def make_current(device: torch.device) -> None:
+    """Make a CUDA device this thread's current one (per host thread: call it where work starts on
+    a thread, e.g. in a threaded actor's method). Nothing to do on CPU."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 def enable_tf32() -> None:

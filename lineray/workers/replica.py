@@ -11,7 +11,7 @@ import torch
 from lineray.kernels.sampling import SamplingConfig
 from lineray.models.generate import Condition, generate_tokens
 from lineray.workers.config import ReplicaConfig
-from lineray.workers.devices import setup_device
+from lineray.workers.devices import make_current, setup_device
 
 __all__ = ["LocalReplica", "ReplicaConfig", "make_replica"]
 
@@ -32,6 +32,7 @@ class LocalReplica:
     def generate(self, cond: Condition, seeds: list[int], on_step=None,
                  sampling: SamplingConfig | None = None) -> torch.Tensor:
         """Tokens [B, N] on CPU. `sampling` overrides the replica's for this batch (e.g. a per-prompt cfg scale)."""
+        make_current(self.device)  # the caller may run it on another thread than the constructor
         sampling = sampling or self.cfg.sampling
         rows = len(cond) * (2 if sampling.uses_cfg else 1)
         cache = self._cache if self._cache is not None and self._cache.rows == rows else None

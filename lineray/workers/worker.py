@@ -26,7 +26,7 @@ from lineray.cache.kv import MemoryReport
 from lineray.models.generate import Condition, Generation, generate_tokens, new_cache
 from lineray.models.layers import TPGroup, checkpoint_tensors
 from lineray.workers.config import ReplicaConfig
-from lineray.workers.devices import setup_device
+from lineray.workers.devices import make_current, setup_device
 from lineray.workers.parallel_state import Rendezvous, join_tp_group, leave_tp_group
 
 LOOPBACK = "127.0.0.1"
@@ -140,6 +140,7 @@ class TPWorker:
 
     def _generate(self, cond: Condition, seeds: list[int], batch_id, sampling, *, return_logits: bool = False,
                   on_step=None) -> Generation:
+        make_current(self.device)  # the actor runs methods on a pool of threads
         sampling = sampling or self.cfg.sampling
         rows = len(cond) * (2 if sampling.uses_cfg else 1)
         if self._cache is None or self._cache.rows != rows:
