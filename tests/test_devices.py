@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lineray.workers.devices import cuda_index, enable_tf32, local_device
+from lineray.workers.devices import cuda_index, enable_tf32, local_device, setup_device
 from lineray.workers.parallel_state import join_tp_group
 from lineray.workers.worker import StepProgress
 
@@ -31,6 +31,12 @@ def test_cuda_index_refuses_what_it_cannot_resolve(assigned, visible, error):
 
 def test_cpu_devices_pass_through():
     assert local_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_cuda_without_a_gpu_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"device 'cuda' asked for, but this process sees no CUDA GPU"):
+        setup_device("cuda")
 
 
 def test_a_nccl_rank_needs_an_indexed_device():
