@@ -46,8 +46,9 @@ def local_device(device: str | torch.device) -> torch.device:
     if device.type != "cuda":
         return device
     if not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         raise ValueError(f"device {str(device)!r} asked for, but this process sees no CUDA GPU "
-                         f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+                         f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES={visible!r})")
     assigned = _ray_gpu_ids()
     if assigned:
         return torch.device("cuda", cuda_index(assigned, os.environ.get("CUDA_VISIBLE_DEVICES")))

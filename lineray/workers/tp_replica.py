@@ -287,24 +287,27 @@ class TPReplica:
             # Anything else means the group is broken. Typically a peer died and this rank's
             # collective failed ("connection reset by peer"): name the rank that died.
             error = f"{self._rank_name(rank)} failed during {what}: {first_line(cause or e)}"
-            dead = [r for r in self._dead_ranks() if r != rank]
-            if dead:
-                raise _WorkerFailure(f"{', '.join(self._rank_name(r) for r in dead)} died during {what} "
-                                     f"(then {error})") from None
+            culprits = {r: why for r, why in self._broken_ranks().items() if r != rank}
+            if culprits:
+                named = "; ".join(f"{self._rank_name(r)} {why} during {what}" for r, why in culprits.items())
+                raise _WorkerFailure(f"{named} (then {error})") from None
             raise _WorkerFailure(error) from None
 
-    def _dead_ranks(self) -> list[int]:
-        """Ranks whose actor is dead (a ping fails with RayActorError within ping_timeout_s)."""
+    def _broken_ranks(self) -> dict[int, str]:
+        """Ranks whose actor is dead (a ping fails with RayActorError) or hung (no answer within ping_timeout_s)."""
+        o = self.options
         pings = [w.ping.remote() for w in self._workers]
-        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=self.options.ping_timeout_s)
-        dead = []
+        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=o.ping_timeout_s)
+        broken = {}
         for r, ref in enumerate(pings):
-            if ref in ready:
-                try:
-                    ray.get(ref)
-                except RayActorError:
-                    dead.append(r)
-        return dead
+            if ref not in ready:
+                broken[r] = f"hung (no answer to a ping within {o.ping_timeout_s:g}s)"
+                continue
+            try:
+                ray.get(ref)
+            except RayActorError:
+                broken[r] = "died"
+        return broken
 
     def _rank_name(self, rank: int) -> str:
         pid = self.ranks[rank].pid if rank < len(self.ranks) else "?"
