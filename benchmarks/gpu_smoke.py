@@ -86,8 +86,11 @@ def run_case(case: dict) -> dict:
 
     from lineray.kernels.sampling import SamplingConfig
     from lineray.models.generate import Condition, generate_tokens, new_cache
+    from lineray.models import spec as model_spec
     from lineray.models.spec import ModelSpec
     from lineray.workers.devices import setup_device
+
+    RANDOM = getattr(model_spec, "RANDOM", None)  # checkpoint/decoder "random" in issue 12's ModelSpec, None before
 
     device = setup_device(case["device"])
     cuda = device.type == "cuda"
@@ -97,7 +100,7 @@ def run_case(case: dict) -> dict:
     cond, seeds = Condition.classes([i % 1000 for i in range(n)]), list(range(n))
     mode = {"step_mode": case["mode"]} if case["mode"] != "default" else {}
     try:
-        model = ModelSpec(preset=case["preset"], checkpoint=None, decoder=None, grid_size=case["grid"],
+        model = ModelSpec(preset=case["preset"], checkpoint=RANDOM, decoder=RANDOM, grid_size=case["grid"],
                           dtype=case["dtype"]).build_model(device=device)
         cache = new_cache(model, cache_spec(case["policy"]), 2 * n, True)
 

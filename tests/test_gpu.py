@@ -17,6 +17,7 @@ import torch
 from lineray.cache import CacheSpec
 from lineray.kernels.sampling import SamplingConfig
 from lineray.models.generate import Condition, generate_tokens
+from lineray.models import spec as model_spec
 from lineray.models.spec import ModelSpec
 from lineray.models.vq import VQConfig, VQDecoder
 from lineray.workers.config import ReplicaConfig
@@ -25,7 +26,9 @@ from lineray.workers.devices import enable_tf32
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (run benchmarks/gpu_smoke.sh on a GPU node)")
 
-TINY = ModelSpec(preset="GPT-tiny", checkpoint=None, decoder=None, grid_size=8)  # fp32, random weights
+# Random weights: checkpoint/decoder "random" in issue 12's ModelSpec, None before it.
+RANDOM = getattr(model_spec, "RANDOM", None)
+TINY = ModelSpec(preset="GPT-tiny", checkpoint=RANDOM, decoder=RANDOM, grid_size=8)  # fp32, random weights
 SAMPLING = SamplingConfig(cfg_scale=4.0, temperature=1.0)
 COND = Condition.classes([1, 7, 3])
 SEEDS = [11, 12, 13]

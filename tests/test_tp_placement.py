@@ -16,11 +16,14 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from lineray.cluster.local import bind_ray_to_loopback  # noqa: E402
 from lineray.kernels.sampling import SamplingConfig  # noqa: E402
 from lineray.models.generate import Condition, generate_tokens  # noqa: E402
+from lineray.models import spec as model_spec  # noqa: E402
 from lineray.models.spec import ModelSpec  # noqa: E402
 from lineray.workers.config import ReplicaConfig  # noqa: E402
 from lineray.workers.tp_replica import ReplicaError, TPOptions, TPReplica  # noqa: E402
 
-TINY = ModelSpec(preset="GPT-tiny", checkpoint=None, decoder=None, grid_size=8)
+# Random weights: checkpoint/decoder "random" in issue 12's ModelSpec, None before it.
+RANDOM = getattr(model_spec, "RANDOM", None)
+TINY = ModelSpec(preset="GPT-tiny", checkpoint=RANDOM, decoder=RANDOM, grid_size=8)
 CFG = ReplicaConfig(model=TINY, sampling=SamplingConfig(cfg_scale=4.0), tp=2)
 NODE = dict(node_ip_address="127.0.0.1", object_store_memory=80 * 2**20)
 
