@@ -37,7 +37,8 @@ from lineray.kernels.sampling import SamplingConfig  # noqa: E402
 from lineray.models.generate import Condition  # noqa: E402
 from lineray.models.spec import ModelSpec  # noqa: E402
 from lineray.workers.replica import ReplicaConfig  # noqa: E402
-from lineray.workers.tp_replica import TPOptions, TPReplica  # noqa: E402
+from lineray.workers.instrumented import InstrumentedTPReplica  # noqa: E402
+from lineray.workers.tp_replica import TPOptions  # noqa: E402
 
 MiB = 2**20
 
@@ -73,7 +74,7 @@ def run_one(args, tp: int) -> dict:
                                            generator=torch.Generator().manual_seed(0)))
     seeds = list(range(args.batch))
     t0 = time.perf_counter()
-    with TPReplica(cfg, opts) as replica:
+    with InstrumentedTPReplica(cfg, opts) as replica:
         start_s = time.perf_counter() - t0
         replica.time_batch(cond, seeds, max_tokens=2)  # warm-up: allocates the cache, first-call costs
         with tqdm(total=steps, desc=f"tp={tp}", unit="tok") as bar:

@@ -5,8 +5,10 @@ logits, hold half the K/V and half the split weights per rank, survive or report
 killed worker, never hang on a stopped one, and leave no actor or placement group.
 """
 import os
+import re
 import shutil
 import signal
+import sys
 import tempfile
 import time
 
@@ -22,9 +24,10 @@ from lineray.cluster.local import ensure_ray  # noqa: E402
 from lineray.kernels.sampling import SamplingConfig  # noqa: E402
 from lineray.models.generate import Condition, GenerationError, generate_tokens  # noqa: E402
 from lineray.models.spec import ModelSpec  # noqa: E402
+from lineray.workers.instrumented import InstrumentedTPReplica  # noqa: E402
 from lineray.workers.replica import ReplicaConfig, make_replica  # noqa: E402
 from lineray.workers.tp_replica import ReplicaError, TPOptions, TPReplica  # noqa: E402
-from lineray.workers.worker import weight_bytes  # noqa: E402
+from lineray.workers.worker import TPWorker, weight_bytes  # noqa: E402
 
 TINY = ModelSpec(preset="GPT-tiny", checkpoint=None, decoder=None, grid_size=8)
 SAMPLING = SamplingConfig(cfg_scale=4.0, temperature=1.0)
@@ -112,8 +115,7 @@ def test_bad_tp_is_refused_with_the_valid_sizes():
 @pytest.mark.timeout(240)
 def test_tp2_full_cache_matches_tp1_holds_half_recovers_and_cleans_up(ray_local):
     tokens, logits, kv_bytes, (w_all, w_sharded) = reference(TINY, CacheSpec())
-    replica = make_replica(config())
-    assert isinstance(replica, TPReplica)
+    replica = InstrumentedTPReplica(config())  # a TPReplica that can also return logits and timings
     with replica:
         got, got_logits = replica.generate_with_logits(COND, SEEDS)
         assert torch.equal(got, tokens)
@@ -127,8 +129,9 @@ def test_tp2_full_cache_matches_tp1_holds_half_recovers_and_cleans_up(ray_local)
             assert r.sharded_weight_bytes * 2 == w_sharded
             assert r.replicated_weight_bytes == w_all - w_sharded
         assert replica.memory() == ranks[0].kv
-        timing = replica.last_timing[0]
+        timing = replica.time_batch(COND, SEEDS)[0]
         assert timing["steps"] == 64 and timing["all_reduce_calls"] == 64 * 2 * 2  # 2 layers x 2 per step
+        assert timing["all_gather_calls"] == 64  # the logits, once per step
 
         # Everything this test started listens on loopback only (Ray, its workers, gloo, the TCP store).
         listening = listening_addresses()
@@ -167,7 +170,7 @@ def test_tp2_linear_cache_from_a_checkpoint_matches_tp1(ray_local, tmp_path):
     torch.save({"model": model.state_dict()}, path)
     spec = TINY.replace(checkpoint=str(path))
     tokens, logits, kv_bytes, (_, w_sharded) = reference(spec, LINEAR)
-    with TPReplica(config(spec=spec, cache=LINEAR), FAST) as replica:
+    with InstrumentedTPReplica(config(spec=spec, cache=LINEAR), FAST) as replica:
         got, got_logits = replica.generate_with_logits(COND, SEEDS)
         assert torch.equal(got, tokens)
         assert (got_logits - logits).abs().max().item() < 1e-4
@@ -206,24 +209,57 @@ def test_a_killed_or_stopped_worker_is_reported_not_waited_on(ray_local):
         wait_until(lambda: not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE,
                    what="the stopped worker to be killed")
 
-        # The next batch starts a fresh group; a rank killed during it fails it with a clear error.
+        # The next batch starts a fresh group; a rank killed during it fails it with a clear error that
+        # names the rank that died, not rank 0, whose collective then fails ("connection reset by peer").
         victim = None
 
         def kill(i):
             nonlocal victim
             if i == 5 and victim is None:
-                victim = replica.ranks[0].pid
+                victim = replica.ranks[1].pid
                 os.kill(victim, signal.SIGKILL)
 
-        with pytest.raises(ReplicaError, match=r"batch failed 1 time\(s\), giving up: rank [01] \(pid \d+\) "
-                                               r"(died|failed) during (generate|ping)"):
+        with pytest.raises(ReplicaError) as failed:
             replica.generate(COND, SEEDS, on_step=kill)
+        assert re.search(rf"batch failed 1 time\(s\), giving up: rank 1 \(pid {victim}\) died during "
+                         r"(generate|ping)", str(failed.value)), str(failed.value)
+        assert "rank 0" not in str(failed.value).split("(then")[0]
         assert replica.placement_group_id is None  # torn down, not left half-alive
     finally:
         for info in replica.ranks:  # never leave a stopped process behind, whatever failed
             if psutil.pid_exists(info.pid):
                 os.kill(info.pid, signal.SIGCONT)
         replica.shutdown()
+
+
+class WedgedWorker(TPWorker):
+    """Rank 1 stops in the middle of a batch without dying: it still answers pings, and rank 0 waits
+    in a collective for it (as a GPU stuck in a kernel, or a collective whose peer never comes)."""
+
+    def _generate(self, *args, on_step=None, **kw):
+        def wedge(i):
+            if self.rank == 1 and i == 5:
+                time.sleep(600)
+        return super()._generate(*args, on_step=wedge, **kw)
+
+
+class WedgedReplica(TPReplica):
+    worker_class = WedgedWorker
+
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+
+
+@pytest.mark.timeout(180)
+def test_a_rank_that_answers_pings_but_makes_no_progress_fails_the_batch(ray_local):
+    opts = TPOptions(poll_s=0.05, ping_timeout_s=5.0, stall_timeout_s=3.0, setup_timeout_s=120.0, max_retries=0)
+    with WedgedReplica(config(), opts) as replica:
+        t0 = time.monotonic()
+        with pytest.raises(ReplicaError, match=r"no token finished on every rank's device for 3s "
+                                               r"\(stuck at token 6/64\)"):
+            replica.generate(COND, SEEDS)
+        assert time.monotonic() - t0 < 30  # the watchdog, not the 60 s collective timeout
+        assert replica.placement_group_id is None
 
 
 @ray.remote(num_cpus=0.1)

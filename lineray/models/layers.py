@@ -16,6 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# torch 2.13 renamed all_gather_into_tensor (gloo takes its concatenated form too).
+_all_gather_single = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+
 # read(rows=slice|None, cols=slice|None) -> tensor: a slice of one checkpoint tensor.
 SliceReader = Callable[..., torch.Tensor]
 
@@ -64,10 +67,14 @@ class TPGroup:
             return x
         width = -(-n // self.size)  # collectives want equal sizes: pad the shorter parts
         padded = F.pad(x, (0, width - x.size(-1))).contiguous()
-        parts = [torch.empty_like(padded) for _ in range(self.size)]
-        torch.distributed.all_gather(parts, padded, group=self.group)
+        # One output tensor (no list of parts): the ranks' parts one after another along dim 0.
+        out = padded.new_empty((self.size * padded.size(0), *padded.shape[1:]))
+        _all_gather_single(out, padded, group=self.group)
+        parts = out.view(self.size, *padded.shape)
+        if width * self.size == n:
+            return parts.movedim(0, -2).reshape(*padded.shape[:-1], n)
         sizes = [self.part(n, r).stop - self.part(n, r).start for r in range(self.size)]
-        return torch.cat([p[..., :k] for p, k in zip(parts, sizes)], dim=-1)
+        return torch.cat([parts[r, ..., :k] for r, k in enumerate(sizes)], dim=-1)
 
     def split(self, n: int, what: str) -> int:
         """Exact split (attention heads must not be cut)."""

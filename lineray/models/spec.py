@@ -137,7 +137,7 @@ class ModelSpec:
                 vq = VQDecoder(shape)
         else:
             vq = VQDecoder(shape).load(Path(self.decoder).expanduser())
-        return vq.to(device).eval()
+        return vq.to_device(device)  # on CUDA: bf16, channels_last
 
 
 def slice_2d(t: torch.Tensor, rows: slice | None, cols: slice | None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Join and leave a tensor-parallel torch.distributed group, and time its collectives.
+"""Join and leave a tensor-parallel torch.distributed group.
 
 One process per rank (a Ray worker actor). Rank 0 opens a listening socket on its
 node (`Rendezvous`); every rank then joins the TCP store behind it: gloo on CPU,
@@ -11,8 +11,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-import time
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -55,98 +53,47 @@ def interface_of(ip: str) -> str | None:
     return "lo"
 
 
-def default_backend(device: str) -> str:
-    return "nccl" if str(device).startswith("cuda") else "gloo"
+def default_backend(device: str | torch.device) -> str:
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
-@dataclass
-class CollectiveStats:
-    """Wall time spent in collectives (all-reduce, all-gather) since the last reset."""
-    all_reduce_s: float = 0.0
-    all_reduce_calls: int = 0
-    all_gather_s: float = 0.0
-    all_gather_calls: int = 0
+def join_tp_group(rank: int, size: int, master_addr: str, master_port: int, *, device: torch.device,
+                  collective_timeout_s: float = 60.0, join_timeout_s: float = 300.0,
+                  listener: Rendezvous | None = None) -> TPGroup:
+    """Join the group as `rank` of `size`; blocks until every rank has joined (or join_timeout_s passes).
 
-    def reset(self) -> None:
-        self.all_reduce_s = self.all_gather_s = 0.0
-        self.all_reduce_calls = self.all_gather_calls = 0
-
-    def snapshot(self) -> dict:
-        return dict(all_reduce_s=self.all_reduce_s, all_reduce_calls=self.all_reduce_calls,
-                    all_gather_s=self.all_gather_s, all_gather_calls=self.all_gather_calls)
-
-
-@dataclass(frozen=True)
-class TimedTPGroup(TPGroup):
-    """A TPGroup that adds up the time its collectives take (the TP overhead per step).
-
-    On GPU the collectives are asynchronous, so the figure is only meaningful on CPU/gloo
-    (or with a synchronize, which we do not add to the hot path).
-    """
-    stats: CollectiveStats = field(default_factory=CollectiveStats, compare=False)
-
-    def all_reduce(self, x: torch.Tensor, *args, **kw) -> torch.Tensor:
-        if self.size == 1:
-            return x
-        t0 = time.perf_counter()
-        out = super().all_reduce(x, *args, **kw)
-        self.stats.all_reduce_s += time.perf_counter() - t0
-        self.stats.all_reduce_calls += 1
-        return out
-
-    def all_gather_last(self, x: torch.Tensor, *args, **kw) -> torch.Tensor:
-        if self.size == 1:
-            return x
-        t0 = time.perf_counter()
-        out = super().all_gather_last(x, *args, **kw)
-        self.stats.all_gather_s += time.perf_counter() - t0
-        self.stats.all_gather_calls += 1
-        return out
-
-
-def time_all_reduce(tp: TPGroup, shape: tuple[int, ...], n: int = 100, dtype=torch.float32) -> float:
-    """Seconds per all-reduce of a tensor of `shape`, back to back after a barrier (no compute between).
-
-    This is the pure communication cost; the all-reduce time measured inside a decode
-    step is larger by however long a rank waits for its slower peers.
-    """
-    if tp.size == 1:
-        return 0.0
-    x = torch.zeros(shape, dtype=dtype)
-    dist.barrier(group=tp.group)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        dist.all_reduce(x, group=tp.group)
-    return (time.perf_counter() - t0) / n
-
-
-def join_tp_group(rank: int, size: int, master_addr: str, master_port: int, *, device: str = "cpu",
-                  timeout_s: float = 300.0, listener: Rendezvous | None = None) -> TimedTPGroup:
-    """Join the group as `rank` of `size`; blocks until every rank has joined (or timeout_s passes).
-
-    Rank 0 passes the `listener` it opened at master_addr:master_port and hosts the
-    group's TCP store on it. timeout_s also bounds every later collective: a peer that
-    vanishes mid-step makes the others fail after at most this long.
+    device: this rank's device, with its index on CUDA (see devices.setup_device); NCCL
+    binds the group to it and creates its communicators now rather than at the first
+    collective. Rank 0 passes the `listener` it opened at master_addr:master_port and
+    hosts the group's TCP store on it. collective_timeout_s bounds every later
+    collective: a peer that vanishes mid-step makes the others fail after at most
+    this long (torch's default, 10 minutes, would hold a GPU that long).
     """
     if size == 1:
         if listener is not None:
             listener.close()
-        return TimedTPGroup()
+        return TPGroup()
     if dist.is_initialized():
         raise RuntimeError("this process is already in a torch.distributed group; call leave_tp_group() first")
     backend = default_backend(device)
+    iface = interface_of(master_addr)
+    extra = {}
     if backend == "gloo":
-        iface = interface_of(master_addr)
         if iface is not None:  # gloo's own sockets go on the same interface as the store
             os.environ["GLOO_SOCKET_IFNAME"] = iface
     else:
-        torch.cuda.set_device(torch.device(device))
-    timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(master_addr, master_port, world_size=size, is_master=rank == 0, timeout=timeout,
+        if device.index is None:
+            raise ValueError(f"a NCCL rank needs a device with an index (cuda:N), got {device}")
+        extra["device_id"] = device
+        if iface is not None:  # NCCL's bootstrap sockets too, unless the cluster chose an interface
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
+    store = dist.TCPStore(master_addr, master_port, world_size=size, is_master=rank == 0,
+                          timeout=timedelta(seconds=join_timeout_s),
                           master_listen_fd=listener.sock.detach() if listener is not None else None)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size,
+                            timeout=timedelta(seconds=collective_timeout_s), **extra)
     # The replica is the whole world of its workers, so the default group is the TP group.
-    return TimedTPGroup(rank=rank, size=size, group=dist.group.WORLD)
+    return TPGroup(rank=rank, size=size, group=dist.group.WORLD)
 
 
 def leave_tp_group() -> None:

@@ -6,24 +6,14 @@ give the same tokens for the same seeds.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from lineray.cache import CacheSpec
 from lineray.kernels.sampling import SamplingConfig
 from lineray.models.generate import Condition, generate_tokens
-from lineray.models.spec import ModelSpec
+from lineray.workers.config import ReplicaConfig
+from lineray.workers.devices import make_current, setup_device
 
-
-@dataclass(frozen=True)
-class ReplicaConfig:
-    model: ModelSpec = field(default_factory=ModelSpec)
-    cache: CacheSpec = field(default_factory=CacheSpec)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    tp: int = 1
-    device: str = "cpu"
-    compile: bool = False  # torch.compile the dense parts of the step (Transformer.compile_dense)
+__all__ = ["LocalReplica", "ReplicaConfig", "make_replica"]
 
 
 class LocalReplica:
@@ -31,7 +21,8 @@ class LocalReplica:
 
     def __init__(self, cfg: ReplicaConfig):
         self.cfg = cfg
-        self.model = cfg.model.build_model(device=cfg.device, compile=cfg.compile)
+        self.device = setup_device(cfg.device)
+        self.model = cfg.model.build_model(device=self.device, compile=cfg.compile)
         self._cache = None  # reused while the batch size stays the same
 
     @property
@@ -41,6 +32,7 @@ class LocalReplica:
     def generate(self, cond: Condition, seeds: list[int], on_step=None,
                  sampling: SamplingConfig | None = None) -> torch.Tensor:
         """Tokens [B, N] on CPU. `sampling` overrides the replica's for this batch (e.g. a per-prompt cfg scale)."""
+        make_current(self.device)  # the caller may run it on another thread than the constructor
         sampling = sampling or self.cfg.sampling
         rows = len(cond) * (2 if sampling.uses_cfg else 1)
         cache = self._cache if self._cache is not None and self._cache.rows == rows else None
@@ -59,5 +51,5 @@ class LocalReplica:
 def make_replica(cfg: ReplicaConfig):
     if cfg.tp == 1:
         return LocalReplica(cfg)
-    from lineray.workers.tp_replica import TPReplica
+    from lineray.workers.tp_replica import TPReplica  # imports Ray: only when a replica needs it
     return TPReplica(cfg)

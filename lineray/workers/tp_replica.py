@@ -4,13 +4,16 @@ TPReplica has LocalReplica's API (`generate`, `model_config`, `memory`, `shutdow
 so callers do not care whether a replica is one process or a group of ranks.
 
 Lifecycle:
-  start     reserve one bundle per rank packed on one node (STRICT_PACK), start the
-            workers in it, rendezvous at rank 0's node, build each rank's shard.
+  start     reserve one bundle per rank packed on one node (STRICT_PACK), waiting as
+            long as it takes (an autoscaler may be adding the node) with a progress
+            line now and then; start the workers in it, rendezvous at rank 0's
+            node, build each rank's shard.
   generate  every rank runs the same batch; the driver waits on the results while
             pinging each rank (the sentinel) and watching token progress. A rank
             that dies, stops answering, or stops making progress fails the batch:
             the replica tears itself down, rebuilds and retries the batch
-            (`max_retries` times), then raises ReplicaError naming the rank.
+            (`max_retries` times), then raises ReplicaError naming the rank (the
+            one that died, not a peer that lost its connection to it).
   shutdown  kill the workers and remove the placement group (also on __del__ and
             on leaving a `with` block).
 
@@ -35,7 +38,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from lineray.models.checkpoint import first_line
 from lineray.models.generate import Condition
-from lineray.workers.replica import ReplicaConfig
+from lineray.workers.config import ReplicaConfig
 from lineray.workers.worker import RankInfo, TPWorker
 
 log = logging.getLogger(__name__)
@@ -54,14 +57,18 @@ class TPOptions:
     cpus_per_rank: float = 0.5  # fractional, so a tp=2 replica fits beside other stages on a 2-core node
     threads_per_rank: int | None = None  # torch intra-op threads per rank (None: Ray's default for the CPUs)
     ping_timeout_s: float = 30.0  # a rank that does not answer a ping this long is hung
-    stall_timeout_s: float = 300.0  # no new token on any rank for this long: the group is stuck
-    setup_timeout_s: float = 300.0  # placement group reservation, rendezvous and weight loading
-    collective_timeout_s: float = 600.0  # torch.distributed's own timeout, the last line of defence
+    stall_timeout_s: float = 300.0  # no token finished on the device of every rank for this long: stuck
+    placement_timeout_s: float | None = None  # give up reserving the ranks' node after this long (None: never)
+    placement_report_s: float = 30.0  # while waiting for the node, log what we wait for this often
+    setup_timeout_s: float = 300.0  # starting the workers, rendezvous and weight loading
+    collective_timeout_s: float = 60.0  # torch.distributed's own timeout per collective, the last line of defence
     max_retries: int = 1  # rebuilds per batch before giving up
     poll_s: float = 0.2  # how often the driver checks on the ranks during a batch
 
 
 class TPReplica:
+    worker_class = TPWorker  # benchmarks and tests run an instrumented subclass (workers/instrumented.py)
+
     def __init__(self, cfg: ReplicaConfig, options: TPOptions = TPOptions()):
         cfg.model.config().check_tp(cfg.tp, cfg.model.preset)
         if not ray.is_initialized():
@@ -74,7 +81,6 @@ class TPReplica:
         self._starts = 0  # names stay unique while a killed generation's actors are still being reaped
         self.ranks: list[RankInfo] = []  # what each rank holds, from its last setup
         self.rebuilds = 0  # times the group was torn down and started again after a failure
-        self.last_timing: list[dict] = []  # per rank: wall time and collective time of the last batch
         self._closed = False
         self._start()
 
@@ -88,11 +94,8 @@ class TPReplica:
             bundle["GPU"] = 1
         try:
             self._pg = placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK", name=name)
-            ready, _ = ray.wait([self._pg.ready()], timeout=o.setup_timeout_s)
-            if not ready:
-                raise ReplicaError(f"{self.name}: could not reserve {tp} bundles of {bundle} on one node within "
-                                   f"{o.setup_timeout_s:g}s (available: {ray.available_resources()})")
-            actor = ray.remote(TPWorker)
+            self._wait_for_placement(bundle)
+            actor = ray.remote(self.worker_class)
             self._names = [f"{name}-rank{r}" for r in range(tp)]
             self._workers = [
                 actor.options(num_cpus=o.cpus_per_rank, num_gpus=bundle.get("GPU", 0), max_concurrency=4,
@@ -102,7 +105,7 @@ class TPReplica:
                 .remote(self.cfg, r, o.threads_per_rank)
                 for r in range(tp)]
             addr, port = ray.get(self._workers[0].rendezvous_address.remote(), timeout=o.setup_timeout_s)
-            setups = [w.setup.remote(addr, port, o.collective_timeout_s) for w in self._workers]
+            setups = [w.setup.remote(addr, port, o.collective_timeout_s, o.setup_timeout_s) for w in self._workers]
             self.ranks = ray.get(setups, timeout=o.setup_timeout_s)
         except BaseException as e:
             self._teardown()
@@ -112,6 +115,29 @@ class TPReplica:
             if isinstance(e, (ReplicaError, KeyboardInterrupt)):
                 raise
             raise ReplicaError(f"{self.name}: could not start {tp} workers: {first_line(e)}") from e
+
+    def _wait_for_placement(self, bundle: dict) -> None:
+        """Block until the placement group is placed: as long as it takes, unless placement_timeout_s is set.
+
+        On an autoscaling cluster a GPU node can take many minutes to appear; meanwhile
+        a line every placement_report_s says what the replica waits for and what the
+        cluster has, so a job that cannot be placed at all does not wait in silence.
+        """
+        o, tp = self.options, self.cfg.tp
+        want = f"{tp} bundles of {_resources(bundle)} on one node"
+        t0 = time.monotonic()
+        while True:
+            chunk = o.placement_report_s
+            if o.placement_timeout_s is not None:
+                chunk = min(chunk, o.placement_timeout_s - (time.monotonic() - t0))
+            if self._pg.wait(timeout_seconds=max(1, round(chunk))):  # whole seconds only
+                return
+            waited = time.monotonic() - t0
+            if o.placement_timeout_s is not None and waited >= o.placement_timeout_s:
+                raise ReplicaError(f"{self.name}: could not reserve {want} within {o.placement_timeout_s:g}s "
+                                   f"({_cluster_summary(bundle)})")
+            log.warning("%s: waiting %.0fs so far for %s (%s); waiting on until a node with room appears",
+                        self.name, waited, want, _cluster_summary(bundle))
 
     def _teardown(self) -> None:
         for w in self._workers:
@@ -163,27 +189,12 @@ class TPReplica:
     def generate(self, cond: Condition, seeds: list[int], on_step=None, sampling=None) -> torch.Tensor:
         """Tokens [B, N] (CPU) for the batch; on_step(i) is called in this process as tokens complete.
         `sampling` overrides the replica's for this batch (e.g. a per-prompt cfg scale)."""
-        return self._run(cond, seeds, on_step, return_logits=False, sampling=sampling)[0]
-
-    def generate_with_logits(self, cond: Condition, seeds: list[int], on_step=None):
-        """(tokens [B, N], guided logits [B, N, V] fp32) — the logits as rank 0 saw them."""
-        return self._run(cond, seeds, on_step, return_logits=True)
-
-    def time_batch(self, cond: Condition, seeds: list[int], max_tokens: int | None = None,
-                   on_step=None) -> list[dict]:
-        """Run a batch (or only its first max_tokens tokens, on every rank) for a benchmark.
-
-        Returns per rank: steps, wall_s, decode_s (after the first token), all_reduce_s/_calls,
-        all_gather_s/_calls. Collective time includes waiting for the slowest rank.
-        """
-        self._run(cond, seeds, on_step, return_logits=False, max_tokens=max_tokens)
-        return self.last_timing
-
-    def all_reduce_latency(self, rows: int, n: int = 100) -> float:
-        """Seconds per all-reduce of one decode step's activations for `rows` rows (pure communication)."""
-        self._ensure_started()
-        refs = [w.all_reduce_latency.remote(rows, n) for w in self._workers]
-        return max(ray.get(refs, timeout=self.options.setup_timeout_s))
+        results = self._run(cond, seeds, on_step, "generate", sampling=sampling)
+        tokens = results[0]
+        for r, t in enumerate(results[1:], start=1):
+            if not torch.equal(t, tokens):  # lockstep broken: should never happen
+                raise ReplicaError(f"{self.name}: rank {r} sampled different tokens from rank 0")
+        return tokens
 
     def memory(self):
         """Rank 0's cache MemoryReport (every rank holds the same share); None before the first batch."""
@@ -202,14 +213,21 @@ class TPReplica:
         if not self._workers:
             self._start()
 
-    def _run(self, cond: Condition, seeds: list[int], on_step, return_logits: bool, max_tokens: int | None = None,
-             sampling=None):
+    def _run(self, cond: Condition, seeds: list[int], on_step, method: str, steps: int | None = None,
+             **kwargs) -> list:
+        """Call worker `method`(cond, seeds, batch_id, **kwargs) on every rank; their results in rank order.
+
+        Watches the ranks while they work, rebuilds the group and retries after a failure.
+        steps: tokens the batch runs (default: the whole image), for on_step.
+        """
         progress = _Progress(on_step)
         failures = []
         while True:
             self._ensure_started()
             try:
-                return self._run_once(cond, list(seeds), progress, return_logits, max_tokens, sampling)
+                results = self._run_once(method, cond, list(seeds), progress, kwargs)
+                progress.update(steps or self.model_config.image_tokens)
+                return results
             except _WorkerFailure as e:
                 failures.append(str(e))
                 self._teardown()
@@ -219,19 +237,17 @@ class TPReplica:
                 self.rebuilds += 1
                 log.warning("%s: %s; rebuilding the replica and retrying the batch", self.name, e)
 
-    def _run_once(self, cond: Condition, seeds: list[int], progress: "_Progress", return_logits: bool,
-                  max_tokens: int | None, sampling=None):
+    def _run_once(self, method: str, cond: Condition, seeds: list[int], progress: "_Progress", kwargs: dict) -> list:
         o = self.options
         n_tokens = self.model_config.image_tokens
         cond_ref, batch_id = ray.put(cond), uuid.uuid4().hex
-        refs = [w.generate.remote(cond_ref, seeds, return_logits, batch_id, max_tokens, sampling)
-                for w in self._workers]
+        refs = [getattr(w, method).remote(cond_ref, seeds, batch_id, **kwargs) for w in self._workers]
         pending = list(refs)
         best, best_t = 0, time.monotonic()
         while pending:
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=o.poll_s)
             for ref in done:  # a finished rank that failed fails the batch now, not when all are done
-                self._get(ref, refs.index(ref), "generate")
+                self._get(ref, refs.index(ref), method)
             if not pending:
                 break
             step = self._ping(batch_id)
@@ -239,16 +255,9 @@ class TPReplica:
             if step > best:
                 best, best_t = step, time.monotonic()
             elif time.monotonic() - best_t > o.stall_timeout_s:
-                raise _WorkerFailure(f"no rank made progress for {o.stall_timeout_s:g}s "
+                raise _WorkerFailure(f"no token finished on every rank's device for {o.stall_timeout_s:g}s "
                                      f"(stuck at token {step}/{n_tokens})")
-        results = [self._get(ref, r, "generate") for r, ref in enumerate(refs)]
-        tokens, logits, _ = results[0]
-        for r, (t, _, _) in enumerate(results[1:], start=1):
-            if tokens is not None and not torch.equal(t, tokens):  # lockstep broken: should never happen
-                raise ReplicaError(f"{self.name}: rank {r} sampled different tokens from rank 0")
-        self.last_timing = [timing for _, _, timing in results]
-        progress.update(min(t["steps"] for t in self.last_timing))
-        return tokens, logits
+        return [self._get(ref, r, method) for r, ref in enumerate(refs)]
 
     def _ping(self, batch_id: str) -> int:
         """Ask every rank how far it is in this batch; a dead or silent rank raises _WorkerFailure.
@@ -275,9 +284,30 @@ class TPReplica:
             cause = getattr(e, "cause", None)
             if isinstance(cause, ValueError):  # bad input (GenerationError ...): every rank refuses it alike
                 raise cause from None
-            # Anything else (typically gloo: "connection closed by peer") means the group is broken.
-            raise _WorkerFailure(f"{self._rank_name(rank)} failed during {what}: "
-                                 f"{first_line(cause or e)}") from None
+            # Anything else means the group is broken. Typically a peer died and this rank's
+            # collective failed ("connection reset by peer"): name the rank that died.
+            error = f"{self._rank_name(rank)} failed during {what}: {first_line(cause or e)}"
+            culprits = {r: why for r, why in self._broken_ranks().items() if r != rank}
+            if culprits:
+                named = "; ".join(f"{self._rank_name(r)} {why} during {what}" for r, why in culprits.items())
+                raise _WorkerFailure(f"{named} (then {error})") from None
+            raise _WorkerFailure(error) from None
+
+    def _broken_ranks(self) -> dict[int, str]:
+        """Ranks whose actor is dead (a ping fails with RayActorError) or hung (no answer within ping_timeout_s)."""
+        o = self.options
+        pings = [w.ping.remote() for w in self._workers]
+        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=o.ping_timeout_s)
+        broken = {}
+        for r, ref in enumerate(pings):
+            if ref not in ready:
+                broken[r] = f"hung (no answer to a ping within {o.ping_timeout_s:g}s)"
+                continue
+            try:
+                ray.get(ref)
+            except RayActorError:
+                broken[r] = "died"
+        return broken
 
     def _rank_name(self, rank: int) -> str:
         pid = self.ranks[rank].pid if rank < len(self.ranks) else "?"
@@ -285,6 +315,19 @@ class TPReplica:
 
     def __repr__(self) -> str:
         return f"TPReplica({self.name}, tp={self.cfg.tp}, model={self.cfg.model.preset}, workers={len(self._workers)})"
+
+
+def _resources(res: dict) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(res.items())) + "}"
+
+
+def _cluster_summary(keys) -> str:
+    """Free resources of the cluster and the largest node (by `keys`, e.g. GPU and CPU)."""
+    pick = (lambda res: {k: res.get(k, 0.0) for k in keys})
+    nodes = [pick(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    largest = max(nodes, key=lambda r: tuple(r.get(k, 0.0) for k in ("GPU", "CPU")), default={})
+    return (f"cluster: {len(nodes)} node(s), free {_resources(pick(ray.available_resources()))}, "
+            f"largest node {_resources(largest)}")
 
 
 class _Progress:

@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import os
 import resource
-import time
+import threading
+from collections import deque
 from dataclasses import dataclass
 
 import ray
 import torch
 
 from lineray.cache.kv import MemoryReport
-from lineray.models.generate import Condition, generate_tokens, new_cache
-from lineray.models.layers import checkpoint_tensors
-from lineray.workers.parallel_state import Rendezvous, join_tp_group, leave_tp_group, time_all_reduce
-from lineray.workers.replica import ReplicaConfig
+from lineray.models.generate import Condition, Generation, generate_tokens, new_cache
+from lineray.models.layers import TPGroup, checkpoint_tensors
+from lineray.workers.config import ReplicaConfig
+from lineray.workers.devices import make_current, setup_device
+from lineray.workers.parallel_state import Rendezvous, join_tp_group, leave_tp_group
 
 LOOPBACK = "127.0.0.1"
 
@@ -42,10 +44,8 @@ class RankInfo:
     kv: MemoryReport | None = None  # this rank's cache, once a batch has run
     peak_rss_bytes: int | None = None  # peak resident memory of the worker process
     torch_threads: int | None = None
-
-
-class _StopEarly(Exception):
-    """Raised from on_step to end a benchmark batch after max_tokens (on every rank at the same step)."""
+    device: str = "cpu"
+    peak_device_bytes: int | None = None  # peak memory torch allocated on the GPU (None on CPU)
 
 
 def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
@@ -55,6 +55,45 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return total, sharded
 
 
+class StepProgress:
+    """The current batch and how many of its tokens the device has finished (what `ping` reports).
+
+    On CUDA the host runs ahead of the GPU (kernels are queued; a CUDA graph queues a
+    whole step), so the host's step counter says nothing about whether the GPU is
+    still working or stuck in a collective whose peer died. Each step records an
+    event on the current stream, and a step counts once its event has completed. On
+    CPU a step is done when the host returns from it.
+    """
+
+    def __init__(self, device: torch.device, new_event=None):
+        self._new_event = new_event or (torch.cuda.Event if device.type == "cuda" else None)
+        self._lock = threading.Lock()  # ping() polls from another thread of the actor
+        self._pending: deque = deque()  # (tokens done, event) not yet known to be complete
+        self.batch, self._done = None, 0
+
+    def start(self, batch_id) -> None:
+        with self._lock:
+            self.batch, self._done = batch_id, 0
+            self._pending.clear()
+
+    def step(self, i: int) -> None:
+        """Token i has been issued."""
+        if self._new_event is None:
+            self._done = i + 1
+            return
+        event = self._new_event()
+        event.record()
+        with self._lock:
+            self._pending.append((i + 1, event))
+
+    def poll(self) -> tuple:
+        """(batch id, tokens the device has finished in it)."""
+        with self._lock:
+            while self._pending and self._pending[0][1].query():
+                self._done = self._pending.popleft()[0]
+            return self.batch, self._done
+
+
 class TPWorker:
     def __init__(self, cfg: ReplicaConfig, rank: int, threads: int | None = None):
         self.cfg, self.rank = cfg, rank
@@ -62,10 +101,9 @@ class TPWorker:
             torch.set_num_threads(threads)
         self.tp = None
         self.model = None
+        self.device = torch.device("cpu")
+        self.progress = StepProgress(self.device)
         self._cache = None
-        self._batch, self._step = None, 0  # current batch id and its tokens done (read by ping)
-        self._max_tokens = None
-        self._t0 = self._t_first = 0.0
         self._listener = None  # rank 0: the rendezvous socket, until the group takes it
 
     # -- setup ---------------------------------------------------------------
@@ -78,68 +116,60 @@ class TPWorker:
         self._listener = Rendezvous(LOOPBACK)
         return self._listener.host, self._listener.port
 
-    def setup(self, master_addr: str, master_port: int, timeout_s: float = 300.0) -> RankInfo:
+    def setup(self, master_addr: str, master_port: int, collective_timeout_s: float = 60.0,
+              join_timeout_s: float = 300.0) -> RankInfo:
         """Join the group and build this rank's shard. All ranks must call it at the same time."""
-        self.tp = join_tp_group(self.rank, self.cfg.tp, master_addr, master_port, device=self.cfg.device,
-                                timeout_s=timeout_s, listener=self._listener)
+        self.device = setup_device(self.cfg.device)
+        self.progress = StepProgress(self.device)
+        tp = join_tp_group(self.rank, self.cfg.tp, master_addr, master_port, device=self.device,
+                           collective_timeout_s=collective_timeout_s, join_timeout_s=join_timeout_s,
+                           listener=self._listener)
         self._listener = None
-        self.model = self.cfg.model.build_model(tp=self.tp, device=self.cfg.device, compile=self.cfg.compile)
+        self.tp = self._model_group(tp)
+        self.model = self.cfg.model.build_model(tp=self.tp, device=self.device, compile=self.cfg.compile)
         return self.info()
 
-    # -- work ------------------------------------------------------------------
-    def generate(self, cond: Condition, seeds: list[int], return_logits: bool = False, batch_id=None,
-                 max_tokens: int | None = None, sampling=None):
-        """(tokens [B, N] on CPU, guided logits [B, N, V] from rank 0 when asked for, timing dict).
+    def _model_group(self, tp: TPGroup) -> TPGroup:
+        """The group the model's layers use (benchmarks wrap it to time the collectives)."""
+        return tp
 
-        max_tokens (benchmarks): stop every rank after that many tokens, at the same step;
-        tokens and logits are then None.
-        """
-        sampling = sampling or self.cfg.sampling  # a batch may override it (per-prompt cfg scale)
-        use_cfg = sampling.uses_cfg
-        rows = len(cond) * (2 if use_cfg else 1)
+    # -- work ------------------------------------------------------------------
+    def generate(self, cond: Condition, seeds: list[int], batch_id=None, sampling=None) -> torch.Tensor:
+        """Tokens [B, N] on CPU. `sampling` overrides the replica's for this batch (per-prompt cfg scale)."""
+        return self._generate(cond, seeds, batch_id, sampling).tokens.cpu()
+
+    def _generate(self, cond: Condition, seeds: list[int], batch_id, sampling, *, return_logits: bool = False,
+                  on_step=None) -> Generation:
+        make_current(self.device)  # the actor runs methods on a pool of threads
+        sampling = sampling or self.cfg.sampling
+        rows = len(cond) * (2 if sampling.uses_cfg else 1)
         if self._cache is None or self._cache.rows != rows:
             self._cache = None  # free the old one first
-            self._cache = new_cache(self.model, self.cfg.cache, rows, use_cfg)
-        self._batch, self._step, self._max_tokens = batch_id, 0, max_tokens
-        self.tp.stats.reset()
-        self._t0 = self._t_first = time.perf_counter()
-        try:
-            out = generate_tokens(self.model, cond, seeds, sampling=sampling, cache=self._cache,
-                                  return_logits=return_logits, on_step=self._on_step)
-            tokens, logits = out.tokens.cpu(), out.logits
-        except _StopEarly:
-            tokens = logits = None
-        t_end = time.perf_counter()
-        timing = dict(self.tp.stats.snapshot(), steps=self._step, wall_s=t_end - self._t0,
-                      # decode steps after the first token: the steady-state step time, without the prefill
-                      decode_s=t_end - self._t_first)
-        logits = logits.cpu() if logits is not None and self.rank == 0 else None
-        return tokens, logits, timing
+            self._cache = new_cache(self.model, self.cfg.cache, rows, sampling.uses_cfg)
+        self.progress.start(batch_id)
 
-    def _on_step(self, i: int) -> None:
-        self._step = i + 1
-        if i == 0:
-            self._t_first = time.perf_counter()
-        if self._max_tokens is not None and self._step >= self._max_tokens:
-            raise _StopEarly
+        def step(i: int) -> None:
+            self.progress.step(i)
+            if on_step is not None:
+                on_step(i)
 
-    def all_reduce_latency(self, rows: int, n: int = 100) -> float:
-        """Seconds per all-reduce of one decode step's activations [rows, 1, dim], nothing else running."""
-        dtype = self.model.tok_embeddings.weight.dtype
-        return time_all_reduce(self.tp, (rows, 1, self.model.config.dim), n, dtype)
+        return generate_tokens(self.model, cond, seeds, sampling=sampling, cache=self._cache,
+                               return_logits=return_logits, on_step=step)
 
     # -- sentinel and reports ----------------------------------------------------
     def ping(self) -> tuple:
-        """(batch id, tokens done in it). Cheap; answers while generate() runs."""
-        return self._batch, self._step
+        """(batch id, tokens the device has finished in it). Cheap; answers while generate() runs."""
+        return self.progress.poll()
 
     def info(self) -> RankInfo:
         total, sharded = weight_bytes(self.model)
+        cuda = self.device.type == "cuda"
         return RankInfo(rank=self.rank, pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id(),
                         weight_bytes=total, sharded_weight_bytes=sharded, replicated_weight_bytes=total - sharded,
                         kv=None if self._cache is None else self._cache.memory(),
                         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
-                        torch_threads=torch.get_num_threads())
+                        torch_threads=torch.get_num_threads(), device=str(self.device),
+                        peak_device_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None)
 
     def close(self) -> None:
         self._cache = self.model = None
