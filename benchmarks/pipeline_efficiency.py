@@ -24,7 +24,7 @@ from pathlib import Path
 
 # A random GPT-digits (6 layers, width 128) at 16x16 tokens, with a small VQ decoder (32x32 px):
 # generation dominates, as it does for LlamaGen on a GPU.
-MODEL = dict(preset="GPT-digits", checkpoint=None, decoder=None, grid_size=16,
+MODEL = dict(preset="GPT-digits", checkpoint="random", decoder="random", grid_size=16,
              vq_config=dict(codebook_size=32, ch=32, z_channels=32, ch_mult=[1, 1], num_res_blocks=1))
 SAMPLING = dict(cfg_scale=2.0, top_k=0)
 

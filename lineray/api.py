@@ -80,11 +80,8 @@ def sample(classes: list[int], *, model: ModelSpec = ModelSpec(), cache: CacheSp
 
 
 def default_sampling(model: ModelSpec) -> SamplingConfig:
-    """The bundled model ships its tuned sampling settings; LlamaGen's c2i defaults otherwise."""
-    if model.is_bundled:
-        from lineray.models.digits import bundled_sampling
-        return bundled_sampling()
-    return SamplingConfig(cfg_scale=4.0, temperature=1.0, top_k=2000, top_p=1.0)
+    """The model's default sampling settings (ModelSpec.default_sampling)."""
+    return model.default_sampling()
 
 
 def _progress(total: int, enabled: bool):

@@ -77,9 +77,9 @@ def specs_from_args(args, config: dict | None = None):
         if getattr(args, key, None) is not None:
             model[key] = getattr(args, key)
     if args.checkpoint is not None:
-        model["checkpoint"] = None if args.checkpoint == "random" else args.checkpoint
+        model["checkpoint"] = args.checkpoint
     if args.vq is not None:
-        model["decoder"] = None if args.vq == "random" else args.vq
+        model["decoder"] = args.vq
     if "preset" in model and "checkpoint" not in model:
         raise ValueError(f"--model {model['preset']} needs --checkpoint PATH (or --checkpoint random)")
     if model.get("checkpoint", "bundled") != "bundled" and "decoder" not in model:
@@ -94,11 +94,11 @@ def specs_from_args(args, config: dict | None = None):
     for key in ("cfg_scale", "cfg_interval", "temperature", "top_k", "top_p"):
         if getattr(args, key, None) is not None:
             sampling[key] = getattr(args, key)
-    model_spec = ModelSpec.from_dict(model)
+    from lineray.validation import from_data
+    model_spec = from_data(ModelSpec, model, ValueError, "model")
     sampling_cfg = None
     if sampling:
-        from lineray.api import default_sampling
-        base = default_sampling(model_spec).__dict__ | sampling
+        base = model_spec.default_sampling().__dict__ | sampling
         sampling_cfg = SamplingConfig(**base)
     return model_spec, CacheSpec.from_dict(cache), sampling_cfg
 

@@ -15,7 +15,7 @@ from lineray.pipelines import JobConfig, JobConfigError, StageResources, batchin
 from lineray.pipelines.batching import GiB, resolve_batch_size
 
 REPO = Path(__file__).resolve().parent.parent
-GPT_B = dict(preset="GPT-B", checkpoint=None, decoder=None, grid_size=24)  # random weights: nothing is loaded
+GPT_B = dict(preset="GPT-B", checkpoint="random", decoder="random", grid_size=24)  # random weights: nothing is loaded
 LINEAR = {"policy": "linear", "rho": "1/6"}
 
 

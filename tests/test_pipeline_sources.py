@@ -171,7 +171,7 @@ def test_bundled_sample_prompts():
 
 def test_job_config_yaml_overrides_and_errors(tmp_path):
     path = tmp_path / "job.yaml"
-    path.write_text("source: bundled\noutput: out\nmodel: {preset: GPT-tiny, checkpoint: null, decoder: null}\n"
+    path.write_text("source: bundled\noutput: out\nmodel: {preset: GPT-tiny, checkpoint: random, decoder: random}\n"
                     "cache: {policy: linear, rho: 1/4}\nreplicas: 2\n")
     job = JobConfig.from_yaml(path, parse_set(["cache.rho=1/2", "batch_size=3", "sampling.cfg_scale=1.5"]))
     assert job.cache.rho == 0.5 and job.batch_size == 3 and job.replicas == 2 and job.sampling.cfg_scale == 1.5

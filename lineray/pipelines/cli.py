@@ -67,9 +67,9 @@ def job_from_args(args):
             if getattr(args, dest, None) is not None:
                 overrides[key] = getattr(args, dest)
     if getattr(args, "checkpoint", None) is not None:
-        overrides["model.checkpoint"] = None if args.checkpoint == "random" else args.checkpoint
+        overrides["model.checkpoint"] = args.checkpoint
     if getattr(args, "vq", None) is not None:
-        overrides["model.decoder"] = None if args.vq == "random" else args.vq
+        overrides["model.decoder"] = args.vq
     if getattr(args, "address", None) is not None and args.command_kind == "generate":
         overrides["ray_address"] = args.address
     return JobConfig.from_yaml(args.config, overrides)

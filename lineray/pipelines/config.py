@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from lineray.cache import CacheSpec
+from lineray.validation import from_data
 from lineray.yamlfile import load_mapping
 from lineray.kernels.sampling import SamplingConfig
 from lineray.models.spec import ModelSpec
@@ -114,7 +115,7 @@ class JobConfig:
         if unknown:
             raise JobConfigError(f"unknown job setting(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
         try:
-            model = d["model"] if isinstance(d.get("model"), ModelSpec) else ModelSpec.from_dict(d.get("model"))
+            model = d["model"] if isinstance(d.get("model"), ModelSpec) else from_data(ModelSpec, d.get("model"), JobConfigError, "model")
             d["model"] = model
             if not isinstance(d.get("cache"), CacheSpec):
                 d["cache"] = CacheSpec.from_dict(d.get("cache"))
@@ -172,9 +173,7 @@ def _whole(value) -> bool:
 
 def resolve_sampling(model: ModelSpec, given: dict | None) -> SamplingConfig:
     """The model's default sampling settings, overridden field by field."""
-    from lineray.api import default_sampling
-
-    base = asdict(default_sampling(model))
+    base = asdict(model.default_sampling())
     given = dict(given or {})
     bad = set(given) - set(base)
     if bad:
