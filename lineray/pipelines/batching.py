@@ -46,8 +46,8 @@ def resolve_batch_size(job: JobConfig) -> BatchChoice:
         raise JobConfigError(f"batch_size auto: not even 1 image fits {where}: the weights alone take "
                              f"{_gib(plan.weights_bytes)} GiB per rank, and each image "
                              f"{plan.bytes_per_image / 2**20:.1f} MiB; set a larger memory_budget_gib, or a larger tp")
-    capped = "; capped by max_batch_size" if fit > job.max_batch_size else ""
-    return BatchChoice(min(fit, job.max_batch_size), f"auto: {fit} fit {where} with {cache}{capped}")
+    capped = "; capped by max_batch_size" if fit > job.batch_cap else ""
+    return BatchChoice(min(fit, job.batch_cap), f"auto: {fit} fit {where} with {cache}{capped}")
 
 
 def job_memory_plan(job: JobConfig):

@@ -20,7 +20,9 @@ _SAMPLING_FLAGS = {k: f"sampling.{k}" for k in ("cfg_scale", "cfg_interval", "te
 _JOB_FLAGS = {"source": "source", "output": "output", "format": "format", "replicas": "replicas", "tp": "tp",
               "batch_size": "batch_size", "memory_budget_gib": "memory_budget_gib",
               "max_batch_size": "max_batch_size", "seed": "seed", "shard_rows": "shard_rows", "device": "device",
-              "text_encoder": "text_encoder"}
+              "text_encoder": "text_encoder", "max_error_fraction": "max_error_fraction", "verify": "verify",
+              "overwrite": "overwrite", "num_cpus": "num_cpus", "stall_timeout_s": "stall_timeout_s",
+              "object_store_gib": "object_store_gib"}
 
 
 def add_job_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,6 +43,18 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shard-rows", type=int, help="prompt rows per output file (the unit of resume)")
     g.add_argument("--device", help="cpu or cuda")
     g.add_argument("--text-encoder", help="local FLAN-T5 folder for text rows (t2i models)")
+    g.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN",
+                   help="the files' name of a prompt field, e.g. --column class=class_label --column text=caption")
+    g.add_argument("--max-error-fraction", type=float,
+                   help="stop (exit 3) when more than this fraction of rows is rejected (default 0.5, "
+                        "checked after the first 1000 rows; a job whose every row is rejected always stops)")
+    g.add_argument("--overwrite", action="store_true", default=None,
+                   help="clear the output first, even files this job did not write (otherwise a foreign output "
+                        "is refused and a resumable one is resumed)")
+    g.add_argument("--verify", action="store_true", default=None,
+                   help="on resume, checksum every committed file (the size is always checked)")
+    g.add_argument("--stall-timeout-s", type=float,
+                   help="fail when no image finishes and no generator is busy this long (default 600)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any job setting, dotted for sections: --set cache.rho=1/6 --set resources.decoders=2")
     from lineray.cli import add_cache_arguments, add_model_arguments, add_sampling_arguments
@@ -70,6 +84,9 @@ def job_from_args(args):
         overrides["model.checkpoint"] = args.checkpoint
     if getattr(args, "vq", None) is not None:
         overrides["model.decoder"] = args.vq
+    if getattr(args, "column", None):
+        from lineray.pipelines.config import parse_columns
+        overrides["columns"] = parse_columns(args.column)
     if getattr(args, "address", None) is not None and args.command_kind == "generate":
         overrides["ray_address"] = args.address
     return JobConfig.from_yaml(args.config, overrides)
@@ -80,16 +97,19 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     add_job_arguments(p)
     p.add_argument("--address", help="Ray cluster to run on (e.g. auto, ray://head:10001); "
                    "default: $RAY_ADDRESS, else a private local Ray")
-    p.add_argument("--overwrite", action="store_true", help="delete the output dataset first instead of resuming")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of the private local Ray (default: enough for all stages)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--object-store-gib", type=float,
+                   help="object store of the private local Ray (default: sized from the machine's memory)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray's and Ray Data's own output on the console too (default: in OUTPUT/_logs/)")
     p.set_defaults(command_kind="generate")
 
 
 def run_generate(args) -> int:
     from lineray.pipelines.job import run_job
 
-    run_job(job_from_args(args), overwrite=args.overwrite, progress=not args.quiet, num_cpus=args.num_cpus)
+    run_job(job_from_args(args), progress=not args.quiet)
     return 0  # the summary line is already on stderr (and in OUTPUT/_summary.json)
 
 
@@ -105,7 +125,6 @@ def add_submit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pip", action="append", default=[], help="extra pip package for the job's runtime_env")
     p.add_argument("--submission-id", help="job id to use (default: Ray picks one)")
     p.add_argument("--python", default="python", help="interpreter on the cluster that runs the driver")
-    p.add_argument("--overwrite", action="store_true", help="delete the output dataset first instead of resuming")
     p.add_argument("--wait", action="store_true", help="stream the job's logs and wait for it to end")
     p.set_defaults(command_kind="submit")
 
@@ -114,7 +133,7 @@ def run_submit(args) -> int:
     from lineray.cluster import submit as jobs
 
     job_id = jobs.submit(job_from_args(args), args.address, package=not args.no_package, pip=args.pip or None,
-                         submission_id=args.submission_id, python=args.python, overwrite=args.overwrite)
+                         submission_id=args.submission_id, python=args.python)
     print(f"submitted {job_id} to {args.address}")
     if not args.wait:
         print(f"follow it with: lineray job-logs {job_id} --address {args.address}")

@@ -10,6 +10,8 @@
     batch_size: auto                        # or a number; auto = the largest batch that fits memory
     memory_budget_gib: 20                   # one rank's memory for weights + K/V + activations
     seed: 0
+    columns: {class: class_label}           # prompt field -> the files' column name
+    max_error_fraction: 0.5                 # stop (exit 3) when more rows than this are rejected
 """
 from __future__ import annotations
 
@@ -39,13 +41,15 @@ class StageResources:
     live in a placement group that the TPReplica reserves.
     """
     generate_cpus: float = 1.0
-    generate_gpus: float | None = None  # None: 1 per tp=1 replica when device is cuda, else 0
+    generate_gpus: float | None = None  # None: 1 per tp=1 replica when device is cuda (less if decoders share it)
     coordinator_cpus: float = 0.1
     decoders: int = 1  # VQ decode actors
     decode_cpus: float = 0.5
-    decode_gpus: float = 0.0
+    decode_gpus: float | None = None  # None: a GPU share (pipelines.plan.DECODE_GPU_SHARE) when device is cuda
     png_cpus: float = 0.25
     read_cpus: float = 0.25  # the one prompt reader task
+    text_cpus: float | None = None  # T5 text encoder actor (t2i with text rows); None = decode_cpus
+    text_gpus: float | None = None  # None: a GPU share when device is cuda, else 0
 
     def logical_cpus(self, replicas: int, tp: int) -> float:
         """CPUs the stages ask for at full width (a private local Ray is started with at least this)."""
@@ -55,7 +59,10 @@ class StageResources:
 
 # Settings that decide what the output holds. Resuming into an output written with other values
 # would mix two datasets (or cut shards differently), so the job refuses.
-FINGERPRINT = ("source", "format", "shard_rows", "seed", "max_count", "model", "cache", "sampling", "text_encoder")
+FINGERPRINT = ("source", "format", "columns", "shard_rows", "seed", "max_count", "model", "cache", "sampling",
+               "text_encoder")
+# Prompt fields a `columns` mapping may rename (see prompts.parse_prompt).
+PROMPT_FIELDS = ("id", "class", "text", "embedding", "seed", "cfg", "count")
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,9 @@ class JobConfig:
     source: str  # prompt file(s): URL, folder, glob, or "bundled"
     output: str  # output dataset URL
     format: str | None = None  # jsonl / csv / parquet; None = from each file's extension
+    columns: dict = field(default_factory=dict, hash=False)  # prompt field -> column in the files: {class: class_label}
+    max_error_fraction: float = 0.5  # rejected rows / rows read above which the job stops (exit 3) ...
+    error_check_rows: int = 1000  # ... once this many rows are read (a job whose every row is rejected always stops)
     model: ModelSpec = field(default_factory=ModelSpec)
     cache: CacheSpec = field(default_factory=CacheSpec)
     sampling: SamplingConfig | None = None  # None = the model's defaults (lineray.api.default_sampling)
@@ -71,7 +81,7 @@ class JobConfig:
     device: str = "cpu"
     batch_size: int | str = "auto"  # images per generation batch; auto: the largest that fits (pipelines.batching)
     memory_budget_gib: float | None = None  # one replica rank's memory for weights + K/V + activations; None = derive
-    max_batch_size: int = 64  # cap for auto: on a CPU, batches beyond a few dozen images stop paying, blocks grow
+    max_batch_size: int | None = None  # cap for auto; None: 64 on a CPU (bigger batches stop paying), memory alone on GPU
     decode_batch_size: int | None = None  # None = batch_size
     compile: bool = False  # torch.compile the dense parts of the decode step (pays on GPUs, not on small CPUs)
     seed: int = 0  # job seed: image seeds derive from (seed, id, image index)
@@ -84,11 +94,33 @@ class JobConfig:
     storage_options: dict = field(default_factory=dict, hash=False)  # fsspec options (endpoint_url, key, ...)
     resources: StageResources = field(default_factory=StageResources)
     progress_interval_s: float = 10.0  # seconds between progress lines when stderr is not a terminal
+    overwrite: bool = False  # clear the output first, even one this job did not write (otherwise it is refused)
+    verify: bool = False  # on resume, checksum every committed file too (the size is always checked)
+    stall_timeout_s: float = 600.0  # no image finished and no generator busy this long: fail naming the stuck stage
+    num_cpus: int | None = None  # logical CPUs of a private local Ray; None: the machine's, or what the plan needs
+    object_store_gib: float | None = None  # a private Ray's object store; None: sized from the machine's memory
 
     def __post_init__(self):
-        for name in ("replicas", "tp", "max_batch_size", "shard_rows", "max_count"):
+        for name in ("replicas", "tp", "shard_rows", "max_count", "error_check_rows"):
             if not _whole(getattr(self, name)):
                 raise JobConfigError(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}")
+        for name in ("max_batch_size", "num_cpus"):
+            if getattr(self, name) is not None and not _whole(getattr(self, name)):
+                raise JobConfigError(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}")
+        if not isinstance(self.max_error_fraction, (int, float)) or isinstance(self.max_error_fraction, bool) \
+                or not 0 <= self.max_error_fraction <= 1:
+            raise JobConfigError(f"max_error_fraction must be a number in 0..1, got {self.max_error_fraction!r}")
+        if not isinstance(self.columns, dict) or not all(isinstance(v, str) and v for v in self.columns.values()):
+            raise JobConfigError(f"columns maps prompt fields to column names, e.g. {{class: class_label}}; "
+                                 f"got {self.columns!r}")
+        bad = sorted(set(self.columns) - set(PROMPT_FIELDS))
+        if bad:
+            raise JobConfigError(f"columns: unknown prompt field(s) {', '.join(map(str, bad))}; "
+                                 f"known: {', '.join(PROMPT_FIELDS)}")
+        for name in ("stall_timeout_s", "object_store_gib"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+                raise JobConfigError(f"{name} must be a number > 0, got {v!r}")
         if self.batch_size != "auto" and not _whole(self.batch_size):
             raise JobConfigError(f"batch_size must be a whole number >= 1 or auto, got {self.batch_size!r}")
         budget = self.memory_budget_gib
@@ -128,6 +160,7 @@ class JobConfig:
                     raise JobConfigError(f"unknown resources setting(s): {', '.join(sorted(bad))}")
                 d["resources"] = StageResources(**res)
             d["storage_options"] = dict(d.get("storage_options") or {})
+            d["columns"] = dict(d.get("columns") or {})
             return cls(**d)
         except JobConfigError:
             raise
@@ -153,6 +186,13 @@ class JobConfig:
         """The settings that decide the output's content (see FINGERPRINT), JSON-normalised."""
         d = self.to_dict()
         return json.loads(json.dumps({k: d[k] for k in FINGERPRINT}, sort_keys=True))
+
+    @property
+    def batch_cap(self) -> int:
+        """The largest batch `auto` picks: max_batch_size, else 64 on a CPU and memory alone on a GPU."""
+        if self.max_batch_size is not None:
+            return self.max_batch_size
+        return 4096 if self.device.startswith("cuda") else 64
 
     @property
     def read_ahead_images(self) -> int:
@@ -199,6 +239,17 @@ def apply_overrides(config: dict, overrides: dict) -> dict:
             node = node[p]
         node[leaf] = value
     return config
+
+
+def parse_columns(items: list[str]) -> dict:
+    """["class=class_label", "text=caption"] -> {"class": "class_label", "text": "caption"}."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise JobConfigError(f"--column wants FIELD=COLUMN (e.g. class=class_label), got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def parse_set(items: list[str]) -> dict:

@@ -351,7 +351,7 @@ def check_job(job: JobConfig) -> RowRules:
     return RowRules.for_job(job)
 
 
-def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True, num_cpus: int | None = None,
+def run_job(job: JobConfig, *, overwrite: bool | None = None, progress: bool = True, num_cpus: int | None = None,
             log=None, on_images=None) -> JobSummary:
     """Run the job to the end (or resume it) and return its summary.
 
@@ -364,6 +364,8 @@ def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True, n
     from lineray.cluster.local import ensure_ray
 
     log = log or (lambda msg: print(f"[lineray] {msg}", file=sys.stderr, flush=True))
+    overwrite = job.overwrite if overwrite is None else overwrite
+    num_cpus = num_cpus or job.num_cpus
     t0 = time.time()
     rules = check_job(job)
     batch = resolve_batch_size(job)  # before the output is touched: a batch that cannot fit fails here
