@@ -87,3 +87,94 @@ def test_strict_types():
         SamplingConfig(top_k="8")
     with pytest.raises(ValidationError, match="cfg_scale must be >= 1.0"):
         SamplingConfig(cfg_scale=0.5)
+
+
+# -- one schema for YAML, flags and Python ------------------------------------------------------------
+def _job_file(tmp_path, text: str):
+    path = tmp_path / "job.yaml"
+    path.write_text("source: bundled\noutput: out\n" + text)
+    return path
+
+
+@pytest.mark.parametrize("text,message", [
+    ('verify: "no"\n', "verify must be true or false, got 'no'"),  # a quoted "no" is not False (nor True)
+    ("replicsa: 2\n", "replicsa: unknown job setting"),
+    ("cache: {polcy: linear}\n", "cache.polcy: unknown cache setting"),
+    ("device: cdua\n", "device must be cpu, cuda or cuda:N, got 'cdua'"),
+    ("model: {preset: GPT-B}\n", "model: preset GPT-B is a shape without weights"),
+    ("replicas: '2'\n", "replicas must be a whole number, got '2'"),
+    ("resources: {decoders: 0}\n", "resources.decoders must be a whole number >= 1, got 0"),
+    ("tp: 3\n", "tp: tp=3 does not fit digits"),
+    ("cache: {policy: linear, rho: 7/6}\n", r"cache: rho must be in \(0, 1\], got 7/6"),
+])
+def test_job_file_errors_name_the_field(tmp_path, text, message):
+    from lineray.pipelines import JobConfig, JobConfigError
+    with pytest.raises(JobConfigError, match=message):
+        JobConfig.from_yaml(_job_file(tmp_path, text))
+
+
+def test_unquoted_yaml_booleans_still_work(tmp_path):
+    from lineray.pipelines import JobConfig
+    assert JobConfig.from_yaml(_job_file(tmp_path, "verify: no\ncompile: yes\n")).compile is True
+
+
+def test_yaml_flags_and_python_build_the_same_job(tmp_path):
+    from lineray import cli
+    from lineray.pipelines import JobConfig
+
+    path = _job_file(tmp_path, "model: {preset: GPT-tiny, checkpoint: random, decoder: random, grid_size: 8}\n")
+    from_yaml = JobConfig.from_yaml(path, {"cache.policy": "linear", "cache.rho": "1/4", "sampling.top_k": 5,
+                                           "replicas": 2})
+    args = cli.build_parser().parse_args(["generate", str(path), "--cache", "linear", "--rho", "1/4", "--top-k", "5",
+                                          "--replicas", "2"])
+    from_flags = cli.job_from_args(args)
+    model = ModelSpec(preset="GPT-tiny", checkpoint="random", decoder="random", grid_size=8)
+    from_python = JobConfig(source="bundled", output="out", model=model, cache=CacheSpec("linear", rho="1/4"),
+                            sampling=SamplingConfig(**{**model.default_sampling().__dict__, "top_k": 5}), replicas=2)
+    assert from_yaml == from_flags == from_python
+    assert pickle.loads(pickle.dumps(from_python)) == from_python
+    assert JobConfig.from_dict(from_python.to_dict()) == from_python  # what submit uploads reads back the same
+
+
+def test_a_bad_device_fails_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    from lineray import cli
+    path = _job_file(tmp_path, "device: cdua\n")
+    assert cli.main(["generate", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == ("lineray: error: device must be cpu, cuda or cuda:N, got 'cdua'")
+    assert not ray.is_initialized()
+
+
+# -- the command line -----------------------------------------------------------------------------
+def test_version_and_help_for_every_flag(capsys):
+    import argparse
+
+    import lineray
+    from lineray import cli
+
+    parser = cli.build_parser()
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"lineray {lineray.__version__}"
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(sub.choices) == set(cli.COMMANDS)
+    for name, command in sub.choices.items():
+        bare = [a.dest for a in command._actions if not a.help and not isinstance(a, argparse._HelpAction)]
+        assert not bare, f"lineray {name}: flags without help: {bare}"
+
+
+def test_sample_checks_classes_and_device_before_the_model_loads():
+    from lineray.api import resolve_device, sample
+    from lineray.models.generate import GenerationError
+
+    unloadable = ModelSpec(preset="GPT-tiny", checkpoint="/no/such/weights.pt", decoder="random")
+    with pytest.raises(GenerationError, match="class id 10 is out of range: this model has 10 classes"):
+        sample([3, 10], model=unloadable, device="cpu")  # not "checkpoint not found": nothing was loaded
+    with pytest.raises(GenerationError, match="device must be cpu, cuda or cuda:N, got 'gpu'"):
+        sample([3], model=unloadable, device="gpu")
+    import torch
+    assert resolve_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(GenerationError, match="no CUDA GPU"):
+            resolve_device("cuda")

@@ -43,7 +43,7 @@ def test_resume_after_killing_the_driver(ray_session, s3, tmp_path):
     path.write_text(yaml.safe_dump(job))
     out = Output("s3://bucket/out/kill", s3.options)
     log = tmp_path / "driver.log"
-    proc = subprocess.Popen([sys.executable, "-m", "lineray.pipelines.cli", "generate", str(path), "--num-cpus", "3"],
+    proc = subprocess.Popen([sys.executable, "-m", "lineray.cli", "generate", str(path), "--num-cpus", "3"],
                             env=dict(os.environ, RAY_AUTH_MODE="disabled"), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=log.open("wb"))
     done = {}
