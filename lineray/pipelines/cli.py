@@ -106,11 +106,32 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(command_kind="generate")
 
 
-def run_generate(args) -> int:
-    from lineray.pipelines.job import run_job
+# Exit codes of `lineray generate` (README, "What a job guarantees"):
+EXIT_OK = 0  # every valid row's images are in the dataset (bad rows are in errors/)
+EXIT_FAILED = 1  # the job failed while running (a crash, a Ray error): rerun the same command to resume
+EXIT_REFUSED = 2  # refused before starting: settings, prompt source, output (foreign, unreachable), resources
+EXIT_BAD_ROWS = 3  # too many rows rejected (max_error_fraction); the message gives the most common reasons
+EXIT_STALLED = 4  # no progress for stall_timeout_s: the message names the stuck stage; rerun resumes
 
-    run_job(job_from_args(args), progress=not args.quiet)
-    return 0  # the summary line is already on stderr (and in OUTPUT/_summary.json)
+
+def run_generate(args) -> int:
+    import logging
+
+    from lineray.pipelines.job import run_job
+    from lineray.pipelines.monitor import JobStalled
+    from lineray.pipelines.rejects import TooManyBadRows
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[lineray] %(message)s"))
+    logger = logging.getLogger("lineray")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        run_job(job_from_args(args), progress=not args.quiet)
+    except (TooManyBadRows, JobStalled) as e:
+        print(f"lineray generate: error: {e}", file=sys.stderr)
+        return EXIT_BAD_ROWS if isinstance(e, TooManyBadRows) else EXIT_STALLED
+    return EXIT_OK  # the summary line is already on stderr (and in OUTPUT/_summary.json)
 
 
 # -- submit / status / logs / stop ------------------------------------------------------------
@@ -187,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command][1](args)
-    except (ValueError, FileNotFoundError, ImportError) as e:  # config, source and cache errors are ValueErrors
+    except (ValueError, FileNotFoundError, ImportError) as e:  # config, source, output and plan errors
         print(f"lineray {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
 
 
 if __name__ == "__main__":
