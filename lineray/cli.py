@@ -233,11 +233,25 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="Ray's and Ray Data's own output on the console too (default: in OUTPUT/_logs/)")
 
 
+# Exit codes (README, "What a job guarantees"):
+EXIT_OK = 0  # every valid row's images are in the dataset (bad rows are in errors/)
+EXIT_FAILED = 1  # the job failed while running (a crash, a Ray error): rerun the same command to resume
+EXIT_REFUSED = 2  # refused before starting: settings, prompt source, output (foreign, unreachable), resources
+EXIT_BAD_ROWS = 3  # too many rows rejected (max_error_fraction); the message gives the most common reasons
+EXIT_STALLED = 4  # no progress for stall_timeout_s: the message names the stuck stage; rerun resumes
+
+
 def run_generate(args) -> int:
     from lineray.pipelines.job import run_job
+    from lineray.pipelines.monitor import JobStalled
+    from lineray.pipelines.rejects import TooManyBadRows
 
-    run_job(job_from_args(args), progress=not args.quiet)
-    return 0  # the summary line is already on stderr (and in OUTPUT/_summary.json)
+    try:
+        run_job(job_from_args(args), progress=not args.quiet)
+    except (TooManyBadRows, JobStalled) as e:
+        print(f"lineray: error: {e}", file=sys.stderr)
+        return EXIT_BAD_ROWS if isinstance(e, TooManyBadRows) else EXIT_STALLED
+    return EXIT_OK  # the summary line is already on stderr (and in OUTPUT/_summary.json)
 
 
 def _add_address(p: argparse.ArgumentParser) -> None:
@@ -365,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError, yaml.YAMLError) as e:
         # config, checkpoint, cache, source and generation errors are ValueErrors with a one-line reason
         print(f"lineray: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     except KeyboardInterrupt:
         print("lineray: interrupted", file=sys.stderr)
         return 130

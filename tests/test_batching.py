@@ -124,7 +124,8 @@ def test_batch_settings_parse_and_name_bad_values():
     base = tiny_job("bundled", "out")
     del base["max_batch_size"]
     job = JobConfig.from_dict(base)
-    assert (job.batch_size, job.memory_budget_gib, job.batch_cap) == ("auto", None, 64)
+    assert (job.batch_size, job.memory_budget_gib, job.max_batch_size, job.batch_cap) == ("auto", None, None, 64)
+    assert job.replace(device="cuda").batch_cap > 64  # on a GPU, memory decides
     assert JobConfig.from_dict(base | {"batch_size": 12, "memory_budget_gib": 1.5}).batch_size == 12
     assert JobConfig.from_dict(base | {"memory_budget_gib": 2}).memory_budget_gib == 2
     for key, value, message in [("batch_size", "lots", "batch_size must be a whole number or 'auto', got 'lots'"),
