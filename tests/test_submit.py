@@ -33,6 +33,7 @@ def dashboard():
         num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
         dashboard_agent_listen_port=free_port(), node_ip_address="127.0.0.1", object_store_memory=256 * 2**20,
         temp_dir=tempfile.mkdtemp(prefix="lr-submit-", dir="/tmp")))
+    ray.init(address=cluster.address)
     yield f"http://127.0.0.1:{port}"
     if ray.is_initialized():
         ray.shutdown()
