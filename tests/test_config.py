@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -9,6 +10,8 @@ from pydantic import ValidationError
 from lineray.cache import CacheConfigError, CacheSpec
 from lineray.kernels.sampling import SamplingConfig
 from lineray.models.spec import ModelSpec
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 # -- ModelSpec: the bundle only when asked for, random weights only when asked for ----------------
@@ -178,3 +181,29 @@ def test_sample_checks_classes_and_device_before_the_model_loads():
     if not torch.cuda.is_available():
         with pytest.raises(GenerationError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize("model", sorted(p.name for p in (REPO / "configs" / "models").glob("*.yaml")))
+def test_shipped_model_and_cache_presets_validate(model):
+    """`lineray sample --config configs/models/X.yaml --config configs/cache/Y.yaml` (no weights are read)."""
+    from lineray import cli
+    for cache in sorted((REPO / "configs" / "cache").glob("*.yaml")):
+        args = cli.build_parser().parse_args(["sample", "--config", str(REPO / "configs" / "models" / model),
+                                              "--config", str(cache)])
+        spec, cache_spec, sampling = cli.sample_settings(args)
+        cfg = spec.config()
+        cache_spec.plan(cfg.grid_size, cfg.grid_size, cfg.image_tokens)
+        assert not spec.is_bundled and spec.checkpoint.startswith("checkpoints/")
+
+
+def test_sample_flags_over_yaml_sections(tmp_path):
+    from lineray import cli
+    path = tmp_path / "m.yaml"
+    path.write_text("model: {preset: GPT-tiny, checkpoint: random, decoder: random}\nsampling: {top_k: 7}\n")
+    args = cli.build_parser().parse_args(["sample", "--config", str(path), "--cache", "linear", "--cfg-scale", "3",
+                                          "--set", "model.grid_size=8"])
+    spec, cache, sampling = cli.sample_settings(args)
+    assert (spec.grid_size, cache.policy, cache.rho, sampling.cfg_scale, sampling.top_k) == (8, "linear", 1 / 6, 3.0, 7)
+    path.write_text("model: {preset: GPT-tiny}\nreplicas: 2\n")
+    with pytest.raises(ValueError, match="replicas: unknown section"):
+        cli.sample_settings(cli.build_parser().parse_args(["sample", "--config", str(path)]))
