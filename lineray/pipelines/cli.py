@@ -115,23 +115,22 @@ EXIT_STALLED = 4  # no progress for stall_timeout_s: the message names the stuck
 
 
 def run_generate(args) -> int:
-    import logging
-
+    from lineray.pipelines.console import quiet_console
     from lineray.pipelines.job import run_job
     from lineray.pipelines.monitor import JobStalled
     from lineray.pipelines.rejects import TooManyBadRows
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[lineray] %(message)s"))
-    logger = logging.getLogger("lineray")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        run_job(job_from_args(args), progress=not args.quiet)
-    except (TooManyBadRows, JobStalled) as e:
-        print(f"lineray generate: error: {e}", file=sys.stderr)
-        return EXIT_BAD_ROWS if isinstance(e, TooManyBadRows) else EXIT_STALLED
-    return EXIT_OK  # the summary line is already on stderr (and in OUTPUT/_summary.json)
+    job = job_from_args(args)
+    with quiet_console(job.output, job.storage_options, verbose=args.verbose) as console:
+        try:
+            run_job(job, progress=not args.quiet, progress_stream=console)
+        except (TooManyBadRows, JobStalled) as e:
+            print(f"lineray generate: error: {e}", file=console)
+            return EXIT_BAD_ROWS if isinstance(e, TooManyBadRows) else EXIT_STALLED
+        except (ValueError, FileNotFoundError, ImportError) as e:
+            print(f"lineray generate: error: {e}", file=console)
+            return EXIT_REFUSED
+    return EXIT_OK  # the summary line is already on the console (and in OUTPUT/_summary.json)
 
 
 # -- submit / status / logs / stop ------------------------------------------------------------
