@@ -11,7 +11,6 @@ YAML sections, then `--set KEY=VALUE`, then the named flags, each flag naming it
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 import yaml
@@ -242,16 +241,22 @@ EXIT_STALLED = 4  # no progress for stall_timeout_s: the message names the stuck
 
 
 def run_generate(args) -> int:
+    from lineray.pipelines.console import quiet_console
     from lineray.pipelines.job import run_job
     from lineray.pipelines.monitor import JobStalled
     from lineray.pipelines.rejects import TooManyBadRows
 
-    try:
-        run_job(job_from_args(args), progress=not args.quiet)
-    except (TooManyBadRows, JobStalled) as e:
-        print(f"lineray: error: {e}", file=sys.stderr)
-        return EXIT_BAD_ROWS if isinstance(e, TooManyBadRows) else EXIT_STALLED
-    return EXIT_OK  # the summary line is already on stderr (and in OUTPUT/_summary.json)
+    job = job_from_args(args)  # a bad setting fails here: before Ray, before the console log file
+    with quiet_console(job.output, job.storage_options, verbose=args.verbose) as console:
+        try:
+            run_job(job, progress=not args.quiet, progress_stream=console)
+        except (TooManyBadRows, JobStalled) as e:
+            print(f"lineray: error: {e}", file=console)
+            return EXIT_BAD_ROWS if isinstance(e, TooManyBadRows) else EXIT_STALLED
+        except (ValueError, FileNotFoundError, ImportError) as e:
+            print(f"lineray: error: {e}", file=console)
+            return EXIT_REFUSED
+    return EXIT_OK  # the summary line is already on the console (and in OUTPUT/_summary.json)
 
 
 def _add_address(p: argparse.ArgumentParser) -> None:
@@ -367,13 +372,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # run_job and the rest report through `logging`; the command line shows lineray's INFO lines on stderr.
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[lineray] %(message)s"))
-    logger = logging.getLogger("lineray")
-    if not logger.handlers:
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
     try:
         return int(COMMANDS[args.command][1](args) or 0)
     except (ValueError, FileNotFoundError, ImportError, yaml.YAMLError) as e:

@@ -124,7 +124,7 @@ def test_a_renamed_class_column_is_mapped_or_refused_with_exit_3(ray_session, tm
     summary = run_job(JobConfig.from_dict(job | {"columns": {"class": "class_label"}}), progress=False)
     assert summary.images == 6
     labels = pq.read_table(tmp_path / "out" / "data").to_pydict()
-    assert sorted(zip(labels["id"], labels["class"])) == [(f"c{k}", k % 10) for k in range(6)]
+    assert sorted(zip(labels["id"], labels["label"])) == [(f"c{k}", k % 10) for k in range(6)]
 
 
 def test_too_many_bad_rows_stop_the_job_early(tmp_path):
@@ -167,16 +167,18 @@ def test_the_plan_counts_every_stage_adapts_and_refuses_with_numbers():
 
 
 def test_a_two_cpu_private_ray_with_two_replicas_finishes(tmp_path):
-    """Issue 11's hang: replicas 2 with fractional CPUs on a 2-CPU private Ray sat at 0 shards forever."""
+    """Issue 11's hang: replicas 2 with fractional CPUs on a 2-CPU private Ray sat at 0 shards forever
+    (the actors took every CPU; Ray Data's repartition task needs one). Its own process: its own private Ray."""
     src = _prompts(tmp_path, 8)
     out = tmp_path / "out"
-    job = JobConfig.from_dict(tiny_job(str(src), str(out), replicas=2, num_cpus=2, stall_timeout_s=60,
-                                       resources={"generate_cpus": 0.75, "decode_cpus": 0.25, "read_cpus": 0.25,
-                                                  "png_cpus": 0.25}))
-    logs = []
-    summary = run_job(job, progress=False, log=logs.append)
-    assert summary.total_images == 8
-    assert any("adapted: fractional CPU asks" in m for m in logs), logs
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(tiny_job(str(src), str(out), replicas=2, stall_timeout_s=60, resources={
+        "generate_cpus": 0.75, "decode_cpus": 0.25, "read_cpus": 0.25, "png_cpus": 0.25})))
+    proc = subprocess.run([sys.executable, "-m", "lineray.cli", "generate", str(path), "--num-cpus", "2"],
+                          capture_output=True, text=True, timeout=240, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "adapted: fractional CPU asks x0.44 to fit 2 CPU" in proc.stderr, proc.stderr
+    assert pq.read_table(out / "data").num_rows == 8
 
 
 def test_no_progress_is_detected_and_names_the_stuck_stage(ray_session, tmp_path):

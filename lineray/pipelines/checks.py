@@ -24,6 +24,14 @@ def model_name(job: JobConfig) -> str:
     return f"{m.preset} ({Path(m.checkpoint).name})"
 
 
+def class_names(job: JobConfig) -> list[str] | None:
+    """The model's class names (bundled models list them), for the output's ClassLabel; None if unknown."""
+    if not job.model.is_bundled or job.model.config().model_type != "c2i":
+        return None
+    from lineray.models.bundles import bundle_module
+    return list(bundle_module(getattr(job.model, "bundle", None) or "digits").CLASS_NAMES)
+
+
 def cache_policy_name(job: JobConfig) -> str:
     g = job.model.config().grid_size
     return job.cache.plan(g, g, g * g).describe()

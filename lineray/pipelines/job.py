@@ -24,9 +24,9 @@ import threading
 import time
 
 from lineray.pipelines.batching import resolve_batch_size
-from lineray.pipelines.checks import cache_policy_name, check_first_rows, check_job, model_name
+from lineray.pipelines.checks import cache_policy_name, check_first_rows, check_job, class_names, model_name
 from lineray.pipelines.config import JobConfig
-from lineray.pipelines.monitor import JobMonitor, JobStalled, stuck_stage
+from lineray.pipelines.monitor import JobMonitor, JobStalled, release_groups, stuck_stage
 from lineray.pipelines.plan import ClusterShape, plan_job, with_plan
 from lineray.pipelines.progress import JobSummary, Progress
 from lineray.pipelines.reader import ticket_count
@@ -40,13 +40,14 @@ POLL_S = 1.0  # how often the driver looks at the monitor while no images arrive
 
 
 def run_job(job: JobConfig, *, overwrite: bool | None = None, progress: bool = True, num_cpus: int | None = None,
-            log=None, on_images=None) -> JobSummary:
+            log=None, on_images=None, progress_stream=None) -> JobSummary:
     """Run the job to the end (or resume it) and return its summary.
 
     Connects to job.ray_address or $RAY_ADDRESS, else starts a private local Ray with
     enough logical CPUs for every stage (num_cpus overrides job.num_cpus). log(msg):
     where messages go (default: the "lineray" logger). on_images(rows): called with
-    every batch of finished images as it reaches the driver.
+    every batch of finished images as it reaches the driver. progress_stream: where the
+    progress bar goes (default stderr).
     """
     import ray
 
@@ -65,9 +66,9 @@ def run_job(job: JobConfig, *, overwrite: bool | None = None, progress: bool = T
 
     address = job.ray_address or os.environ.get("RAY_ADDRESS")
     started = False
-    if address:
+    if address or ray.is_initialized():  # a cluster, or a Ray this process already runs: plan against it
         started = ensure_ray(address)
-        cluster = ClusterShape.from_ray(f"the cluster at {address}")
+        cluster = ClusterShape.from_ray(f"the cluster at {address}" if address else "this process's Ray")
     else:
         cpus = num_cpus or max(os.cpu_count() or 1, _cpus_needed(job, text_stage))
         cluster = ClusterShape.single(cpus=cpus, gpus=_local_gpus())
@@ -91,7 +92,9 @@ def run_job(job: JobConfig, *, overwrite: bool | None = None, progress: bool = T
             if not ray.is_initialized():
                 started = ensure_ray(None, num_cpus=int(math.ceil(cluster.cpus)),
                                      object_store_mb=_mb(job.object_store_gib))
-            _stream(job, plan, source, out, rules, committed, tickets, total_rows, progress, log, on_images)
+            bar = Progress(total_rows, job.progress_interval_s, enabled=progress, replicas=job.replicas,
+                           stream=progress_stream)
+            _stream(job, plan, source, out, rules, committed, tickets, bar, on_images)
     finally:
         if started:
             shutdown_ray()
@@ -114,17 +117,20 @@ def run_job(job: JobConfig, *, overwrite: bool | None = None, progress: bool = T
     return summary
 
 
-def _stream(job, plan, source, out, rules, committed, tickets, total_rows, progress, log, on_images) -> None:
+def _stream(job, plan, source, out, rules, committed, tickets, bar: Progress, on_images) -> None:
     """Run the Ray Data stream to its end, committing shards as they complete; JobStalled if nothing moves."""
     import ray
 
     from lineray.pipelines.dataset import build_dataset
 
-    bar = Progress(total_rows, job.progress_interval_s, enabled=progress, replicas=job.replicas)
-    monitor = ray.remote(num_cpus=0)(JobMonitor).remote(job.read_ahead_images)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On the driver's node: it lives as long as the driver does (a worker node may go away mid-job).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    monitor = ray.remote(num_cpus=0)(JobMonitor).options(scheduling_strategy=here).remote(job.read_ahead_images)
     try:
         ds = build_dataset(job, plan, source, out, rules, frozenset(committed), tickets, monitor)
-        sink = ShardSink(out, model_name(job), cache_policy_name(job), set(committed))
+        sink = ShardSink(out, model_name(job), cache_policy_name(job), set(committed), class_names(job))
         last = time.time()
         for rows in _batches(ds):
             if rows is None:  # no images for POLL_S: is anything still moving?
@@ -150,7 +156,13 @@ def _stream(job, plan, source, out, rules, committed, tickets, total_rows, progr
             raise RuntimeError(f"the stream ended with incomplete shards: {sink.incomplete}")
     finally:
         bar.close()
+        try:
+            groups = ray.get(monitor.state.remote(), timeout=30)["groups"]
+        except Exception:  # noqa: BLE001 - the monitor is gone with its node or Ray; nothing to release then
+            groups = []
         ray.kill(monitor)
+        if groups:
+            release_groups(groups)
 
 
 def _batches(ds):

@@ -33,6 +33,7 @@ class JobMonitor:
         self.images_in: dict[str, int] = defaultdict(int)
         self.images_out: dict[str, int] = defaultdict(int)
         self.last_change = time.time()
+        self.groups: set[str] = set()  # placement groups of the job's tp>1 replicas (hex ids)
         self._room = None
 
     # -- read-ahead ------------------------------------------------------------------------
@@ -74,6 +75,9 @@ class JobMonitor:
         self.images_out[stage] += images
         self._changed()
 
+    def replica_group(self, group_id: str) -> None:
+        self.groups.add(group_id)
+
     def _changed(self) -> None:
         self.last_change = time.time()
 
@@ -81,13 +85,33 @@ class JobMonitor:
         return {"sent": self.sent, "done": self.done, "finished": self.finished, "failure": self.failure,
                 "started": {k: len(v) for k, v in self.started.items()}, "pids": dict(self.started),
                 "busy": dict(self.busy), "in": dict(self.images_in), "out": dict(self.images_out),
-                "idle_s": time.time() - self.last_change}
+                "idle_s": time.time() - self.last_change, "groups": sorted(self.groups)}
 
 
 def stage_report(monitor, stage: str):
     """Tell the monitor that this process is a started actor of `stage` (no-op without a monitor)."""
     if monitor is not None:
         monitor.stage_started.remote(stage, os.getpid())
+
+
+def release_groups(group_ids: list[str], grace_s: float = 10.0) -> list[str]:
+    """Remove the job's replica placement groups that are still there after the job (their owner was killed,
+    or its node died, so its own teardown never ran); returns the ids removed here."""
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    def alive() -> list[str]:
+        table = ray.util.placement_group_table()
+        return [g for g in group_ids if table.get(g, {}).get("state", "REMOVED") != "REMOVED"]
+
+    deadline = time.time() + grace_s  # a stage actor that exits gracefully removes its own group: let it
+    while alive() and time.time() < deadline:
+        time.sleep(0.2)
+    left = alive()
+    for g in left:
+        remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(g))))
+    return left
 
 
 def stuck_stage(state: dict, plan, available: dict, idle_s: float) -> str:

@@ -44,11 +44,12 @@ from lineray.pipelines.storage import StorageError, open_fs, storage_errors
 TEMP_NAME = re.compile(r"^[0-9a-f]{32}-")  # _tmp/<uuid hex>-<final name>: what write_atomic leaves after a crash
 
 # What Hugging Face `datasets` reads from the schema metadata to type the columns
-# (the `image` struct of bytes + path becomes an Image feature).
+# (the `image` struct of bytes + path becomes an Image feature; `label` a ClassLabel where the model names
+# its classes).
 IMAGE_FEATURES = {
     "id": {"dtype": "string", "_type": "Value"},
     "image_index": {"dtype": "int32", "_type": "Value"},
-    "class": {"dtype": "int64", "_type": "Value"},
+    "label": {"dtype": "int64", "_type": "Value"},
     "text": {"dtype": "string", "_type": "Value"},
     "cfg_scale": {"dtype": "float32", "_type": "Value"},
     "count": {"dtype": "int32", "_type": "Value"},
@@ -59,12 +60,22 @@ IMAGE_FEATURES = {
     "height": {"dtype": "int32", "_type": "Value"},
     "image": {"_type": "Image"},
 }
-IMAGE_SCHEMA = pa.schema([
-    ("id", pa.string()), ("image_index", pa.int32()), ("class", pa.int64()), ("text", pa.string()),
-    ("cfg_scale", pa.float32()), ("count", pa.int32()), ("seed", pa.int64()), ("model", pa.string()),
-    ("cache_policy", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-    ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-], metadata={"huggingface": json.dumps({"info": {"features": IMAGE_FEATURES}})})
+
+
+def image_schema(class_names: list[str] | None = None) -> pa.Schema:
+    """The output's schema; with class names, `label` is a Hugging Face ClassLabel (names in the metadata)."""
+    features = dict(IMAGE_FEATURES)
+    if class_names:
+        features["label"] = {"names": list(class_names), "_type": "ClassLabel"}
+    return pa.schema([
+        ("id", pa.string()), ("image_index", pa.int32()), ("label", pa.int64()), ("text", pa.string()),
+        ("cfg_scale", pa.float32()), ("count", pa.int32()), ("seed", pa.int64()), ("model", pa.string()),
+        ("cache_policy", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+        ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+    ], metadata={"huggingface": json.dumps({"info": {"features": features}})})
+
+
+IMAGE_SCHEMA = image_schema()  # a model without class names (t2i, random weights)
 ERROR_SCHEMA = pa.schema([("file", pa.string()), ("row", pa.int64()), ("id", pa.string()),
                           ("reason", pa.string()), ("raw", pa.string())])
 
@@ -211,6 +222,7 @@ class Output:
     def _ls(self, folder: str, suffix: str = "") -> list[str]:
         try:
             with self.errors(folder):
+                self.fs.invalidate_cache(self.path(folder))  # s3fs caches listings; commits happen elsewhere
                 paths = self.fs.ls(self.path(folder), detail=False)
         except FileNotFoundError:
             return []
@@ -220,6 +232,7 @@ class Output:
         """Every file under the output: relative path -> fsspec info (size, ETag on S3)."""
         try:
             with self.errors():
+                self.fs.invalidate_cache(self.root)
                 found = self.fs.find(self.root, detail=True)
         except FileNotFoundError:
             return {}
@@ -294,13 +307,13 @@ def table_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def image_table(rows: list[dict], model: str, cache_policy: str) -> pa.Table:
+def image_table(rows: list[dict], model: str, cache_policy: str, schema: pa.Schema = IMAGE_SCHEMA) -> pa.Table:
     """Output rows (from the PNG stage, in any order) -> the shard's table, sorted by (row, image)."""
     rows = sorted(rows, key=lambda r: (r["row"], r["image_index"]))
     return pa.table({
         "id": [r["id"] for r in rows],
         "image_index": [r["image_index"] for r in rows],
-        "class": [None if r["label"] < 0 else r["label"] for r in rows],
+        "label": [None if r["label"] < 0 else r["label"] for r in rows],
         "text": [r["text"] or None for r in rows],
         "cfg_scale": [r["cfg_scale"] for r in rows],
         "count": [r["count"] for r in rows],
@@ -310,7 +323,7 @@ def image_table(rows: list[dict], model: str, cache_policy: str) -> pa.Table:
         "width": [r["width"] for r in rows],
         "height": [r["height"] for r in rows],
         "image": [{"bytes": r["png"], "path": f"{r['id']}-{r['image_index']}.png"} for r in rows],
-    }, schema=IMAGE_SCHEMA)
+    }, schema=schema)
 
 
 class ShardSink:
@@ -321,8 +334,10 @@ class ShardSink:
     already committed are dropped. That makes the commit exactly-once.
     """
 
-    def __init__(self, out: Output, model: str, cache_policy: str, committed: set[str]):
+    def __init__(self, out: Output, model: str, cache_policy: str, committed: set[str],
+                 class_names: list[str] | None = None):
         self.out, self.model, self.cache_policy = out, model, cache_policy
+        self.schema = image_schema(class_names)
         self.committed = set(committed)
         self.pending: dict[str, dict[tuple[int, int], dict]] = {}
 
@@ -344,7 +359,8 @@ class ShardSink:
         entry = {"file": last["file"], "first_row": last["first_row"], "rows": last["shard_rows"],
                  "images": len(rows), "errors": last["shard_errors"]}
         errors_meta = json.loads(last["shard_errors_meta"]) if last.get("shard_errors_meta") else None
-        entry = self.out.commit_shard(key, entry, image_table(rows, self.model, self.cache_policy), errors_meta)
+        entry = self.out.commit_shard(key, entry, image_table(rows, self.model, self.cache_policy, self.schema),
+                                      errors_meta)
         self.committed.add(key)
         return entry
 

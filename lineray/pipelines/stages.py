@@ -46,7 +46,16 @@ class GenerateStage(_Reported):
         self.sampling = cfg.sampling
         self.model_cfg = cfg.model.config()
         self.monitor = monitor
+        self.group = None
         stage_report(monitor, self.stage)
+        self._report_group()
+
+    def _report_group(self) -> None:
+        """A tp>1 replica's placement group (new after a rebuild): the driver removes what is left after the job."""
+        group = getattr(self.replica, "placement_group_id", None)
+        if group and group != self.group and self.monitor is not None:
+            self.monitor.replica_group.remote(group)
+        self.group = group
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
@@ -63,6 +72,7 @@ class GenerateStage(_Reported):
         out["tokens"] = tokens
         out["generate_s"] = np.full(n, (time.perf_counter() - start) / n)  # for progress: generator busy time
         self._end(n)
+        self._report_group()
         return out
 
     def condition(self, batch: dict[str, np.ndarray], idx: np.ndarray) -> Condition:
