@@ -105,8 +105,8 @@ class ModelSpec:
         missing = [f"{name}: PATH (or {name}: random)" for name in ("checkpoint", "decoder")
                    if getattr(self, name) is None]
         if missing:
-            raise ValueError(f"preset {self.preset} is a shape without weights: it needs {' and '.join(missing)}; "
-                             f"for the bundled model use preset: {DEFAULT_BUNDLE}")
+            raise ValueError(f"preset {self.preset} is a shape without weights: it needs {' and '.join(missing)} "
+                             f"(flags: --checkpoint, --vq); for the bundled model use preset: {DEFAULT_BUNDLE}")
         return self
 
     def to_dict(self) -> dict:
