@@ -76,8 +76,8 @@ def run_job(job: JobConfig, *, overwrite: bool | None = None, progress: bool = T
         plan = plan_job(job, cluster, text_stage)  # refuses a job that can never be scheduled, with the numbers
         job = with_plan(job, plan)
         batch = resolve_batch_size(job)  # before the output is touched: a batch that cannot fit fails here
-        if not job.overwrite:
-            check_first_rows(job, source, rules, frozenset(_committed_quietly(out)))
+        # Before the output is touched (or cleared by overwrite): a file whose rows are mostly rejected stops here.
+        check_first_rows(job, source, rules, frozenset() if job.overwrite else frozenset(_committed_quietly(out)))
         committed, repaired = prepare_output(job, out, log)  # records the job as given (batch_size may be auto)
         total_rows = sum(rows_per_file.values()) - sum(e["rows"] for e in committed.values())
         log(f"{len(rows_per_file)} prompt file(s), ~{total_rows} rows to do, {len(committed)} shards already done; "
