@@ -27,7 +27,7 @@ from lineray.pipelines.batching import resolve_batch_size
 from lineray.pipelines.checks import cache_policy_name, check_first_rows, check_job, class_names, model_name
 from lineray.pipelines.config import JobConfig
 from lineray.pipelines.monitor import JobMonitor, JobStalled, release_groups, stuck_stage
-from lineray.pipelines.plan import ClusterShape, plan_job, with_plan
+from lineray.pipelines.plan import ClusterShape, cpus_for_private_ray, plan_job, with_plan
 from lineray.pipelines.progress import JobSummary, Progress
 from lineray.pipelines.reader import ticket_count
 from lineray.pipelines.rejects import TooManyBadRows
@@ -70,7 +70,7 @@ def run_job(job: JobConfig, *, overwrite: bool | None = None, progress: bool = T
         started = ensure_ray(address)
         cluster = ClusterShape.from_ray(f"the cluster at {address}" if address else "this process's Ray")
     else:
-        cpus = num_cpus or max(os.cpu_count() or 1, _cpus_needed(job, text_stage))
+        cpus = num_cpus or max(os.cpu_count() or 1, cpus_for_private_ray(job, text_stage))
         cluster = ClusterShape.single(cpus=cpus, gpus=_local_gpus())
     try:
         plan = plan_job(job, cluster, text_stage)  # refuses a job that can never be scheduled, with the numbers
@@ -198,11 +198,6 @@ def _committed_quietly(out: Output) -> dict:
         return out.committed()
     except Exception:  # noqa: BLE001 - a damaged or unreachable output is reported by prepare_output
         return {}
-
-
-def _cpus_needed(job: JobConfig, text_stage: bool) -> int:
-    from lineray.pipelines.plan import cpus_for_private_ray
-    return cpus_for_private_ray(job, text_stage)
 
 
 def _local_gpus() -> int:
