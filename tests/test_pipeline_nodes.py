@@ -60,7 +60,7 @@ def test_removing_the_node_of_a_replica_mid_job(tmp_path):
         # Stage actors and tasks prefer the driver's node, so only the ranks' placement group goes to the other one.
         context.scheduling_strategy = NodeAffinitySchedulingStrategy(head, soft=True)
 
-        n = 24
+        n = 12
         src = tmp_path / "p.jsonl"
         src.write_bytes(jsonl_bytes([{"id": f"n{i:02d}", "class": i % 10} for i in range(n)]))
         out = tmp_path / "out"

@@ -43,7 +43,8 @@ def test_resume_after_killing_the_driver(ray_session, s3, tmp_path):
     path.write_text(yaml.safe_dump(job))
     out = Output("s3://bucket/out/kill", s3.options)
     log = tmp_path / "driver.log"
-    proc = subprocess.Popen([sys.executable, "-m", "lineray.cli", "generate", str(path), "--num-cpus", "3"],
+    proc = subprocess.Popen([sys.executable, "-m", "lineray.cli", "generate", str(path), "--num-cpus", "3",
+                             "--verbose"],  # Ray's own lines (its temp dir) on stderr
                             env=dict(os.environ, RAY_AUTH_MODE="disabled"), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=log.open("wb"))
     done = {}
@@ -60,6 +61,7 @@ def test_resume_after_killing_the_driver(ray_session, s3, tmp_path):
 
     # Nothing of the killed Ray may linger (its processes name its temp dir).
     temp = re.search(r"(/tmp/lineray-ray-[A-Za-z0-9_]+)", log.read_text())
+    assert temp, f"the driver log does not name its Ray's temp dir:\n{log.read_text()[-2000:]}"
     if temp:
         deadline = time.time() + 30
         while _processes_under(temp.group(1)) and time.time() < deadline:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -198,7 +199,7 @@ def test_no_progress_is_detected_and_names_the_stuck_stage(ray_session, tmp_path
         with pytest.raises(JobStalled) as e:
             run_job(job, progress=False)
         msg = str(e.value)
-        assert "no progress for 8 s" in msg and "CPU" in msg
+        assert re.match(r"no progress for \d+ s: stage \w+", msg) and "of 4 CPU available now" in msg, msg
         assert any(stage in msg for stage in ("generate", "decode", "repartition", "png")), msg
     finally:
         ray.kill(tenant)

@@ -27,7 +27,7 @@ from lineray.pipelines.batching import resolve_batch_size
 from lineray.pipelines.checks import cache_policy_name, check_first_rows, check_job, class_names, model_name
 from lineray.pipelines.config import JobConfig
 from lineray.pipelines.monitor import JobMonitor, JobStalled, release_groups, stuck_stage
-from lineray.pipelines.plan import ClusterShape, plan_job, with_plan
+from lineray.pipelines.plan import ClusterShape, cpus_for_private_ray, plan_job, with_plan
 from lineray.pipelines.progress import JobSummary, Progress
 from lineray.pipelines.reader import ticket_count
 from lineray.pipelines.rejects import TooManyBadRows
@@ -70,14 +70,14 @@ def run_job(job: JobConfig, *, overwrite: bool | None = None, progress: bool = T
         started = ensure_ray(address)
         cluster = ClusterShape.from_ray(f"the cluster at {address}" if address else "this process's Ray")
     else:
-        cpus = num_cpus or max(os.cpu_count() or 1, _cpus_needed(job, text_stage))
+        cpus = num_cpus or max(os.cpu_count() or 1, cpus_for_private_ray(job, text_stage))
         cluster = ClusterShape.single(cpus=cpus, gpus=_local_gpus())
     try:
         plan = plan_job(job, cluster, text_stage)  # refuses a job that can never be scheduled, with the numbers
         job = with_plan(job, plan)
         batch = resolve_batch_size(job)  # before the output is touched: a batch that cannot fit fails here
-        if not job.overwrite:
-            check_first_rows(job, source, rules, frozenset(_committed_quietly(out)))
+        # Before the output is touched (or cleared by overwrite): a file whose rows are mostly rejected stops here.
+        check_first_rows(job, source, rules, frozenset() if job.overwrite else frozenset(_committed_quietly(out)))
         committed, repaired = prepare_output(job, out, log)  # records the job as given (batch_size may be auto)
         total_rows = sum(rows_per_file.values()) - sum(e["rows"] for e in committed.values())
         log(f"{len(rows_per_file)} prompt file(s), ~{total_rows} rows to do, {len(committed)} shards already done; "
@@ -198,11 +198,6 @@ def _committed_quietly(out: Output) -> dict:
         return out.committed()
     except Exception:  # noqa: BLE001 - a damaged or unreachable output is reported by prepare_output
         return {}
-
-
-def _cpus_needed(job: JobConfig, text_stage: bool) -> int:
-    from lineray.pipelines.plan import cpus_for_private_ray
-    return cpus_for_private_ray(job, text_stage)
 
 
 def _local_gpus() -> int:

@@ -94,7 +94,7 @@ def stage_report(monitor, stage: str):
         monitor.stage_started.remote(stage, os.getpid())
 
 
-def release_groups(group_ids: list[str], grace_s: float = 10.0) -> list[str]:
+def release_groups(group_ids: list[str], grace_s: float = 5.0) -> list[str]:
     """Remove the job's replica placement groups that are still there after the job (their owner was killed,
     or its node died, so its own teardown never ran); returns the ids removed here."""
     import ray

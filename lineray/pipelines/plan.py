@@ -233,6 +233,7 @@ def _scaled_need(stages, cluster: ClusterShape) -> float | None:
     scalable = sum(s.count * s.cpus for s in stages if s.scalable and 0 < s.cpus < 1)
     if not scalable or cluster.cpus <= fixed:
         return None
+    # Rounded down to a percent, and a hair under, so that the rounded asks still sum below the capacity.
     return math.floor(100 * min(1.0, (cluster.cpus - fixed) / scalable)) / 100 * 0.999
 
 
