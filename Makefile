@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo sample test bench clean
+.PHONY: setup demo sample test bench image clean
 
 # torch first, pinned: on this CPU machine 2.13.0 comes from local disk in seconds, while an
 # unpinned torch (or a package that pulls it first) downloads a multi-GB CUDA build.
@@ -37,5 +37,10 @@ bench: setup
 	$(BIN)/python benchmarks/max_batch.py --measure --kv-cap-gib 0.5 --dtype float32 --presets GPT-B \
 		--csv benchmarks/results/max_batch_0.5gib_fp32.csv
 
+# The KubeRay image (Dockerfile; configs/kuberay/*.yaml name this tag). Needs Docker and a GPU base image pull.
+IMAGE ?= ghcr.io/example/lineray:0.1.0-ray2.60.0-gpu
+image:
+	docker build -t $(IMAGE) .
+
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out outputs .pytest_cache

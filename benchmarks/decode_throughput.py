@@ -45,7 +45,7 @@ def run_case(case: dict) -> dict:
 
     torch.set_num_threads(case["threads"])
     policy, compiled = case["policy"].removesuffix("+compile"), case["policy"].endswith("+compile")
-    model = ModelSpec(preset=case["preset"], checkpoint=None, decoder=None, grid_size=case["grid"],
+    model = ModelSpec(preset=case["preset"], checkpoint="random", decoder="random", grid_size=case["grid"],
                       dtype=case["dtype"]).build_model(compile=compiled)
     n_img = case["batch"]
     sampling = SamplingConfig(cfg_scale=4.0, top_k=2000)

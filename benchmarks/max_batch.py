@@ -63,7 +63,7 @@ def main() -> None:
     if args.verify:
         from lineray.models.generate import new_cache
         from lineray.models.spec import ModelSpec
-        model = ModelSpec(preset="GPT-B", checkpoint=None, decoder=None, grid_size=args.grid,
+        model = ModelSpec(preset="GPT-B", checkpoint="random", decoder="random", grid_size=args.grid,
                           dtype=args.dtype).build_model()
         for policy in POLICIES:
             cache = new_cache(model, cache_spec(policy), rows=2 * 4, use_cfg=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 # A random GPT-digits (6 layers, width 128) at 16x16 tokens, with a small VQ decoder (32x32 px):
 # generation dominates, as it does for LlamaGen on a GPU.
-MODEL = dict(preset="GPT-digits", checkpoint=None, decoder=None, grid_size=16,
+MODEL = dict(preset="GPT-digits", checkpoint="random", decoder="random", grid_size=16,
              vq_config=dict(codebook_size=32, ch=32, z_channels=32, ch_mult=[1, 1], num_res_blocks=1))
 SAMPLING = dict(cfg_scale=2.0, top_k=0)
 
@@ -61,7 +61,7 @@ def job_rate(images: int, batch: int, workdir: Path) -> dict:
     """Bare replica (in a 1-CPU Ray actor, before and after) and a one-replica job, in one Ray session."""
     import ray
 
-    from lineray.cluster.local import ensure_ray
+    from lineray.cluster.local import ensure_ray, shutdown_ray
     from lineray.pipelines import JobConfig, run_job
 
     ensure_ray(num_cpus=4)
@@ -83,7 +83,7 @@ def job_rate(images: int, batch: int, workdir: Path) -> dict:
     # Steady state: images after the first arrival, over the time from the first arrival to the last.
     first, last = arrivals[0][0], arrivals[-1][0]
     after_first = sum(n for _, n in arrivals[1:])
-    ray.shutdown()
+    shutdown_ray()
     return {"images": summary.images, "wall_s": wall, "whole_run_img_s": summary.images / wall,
             "steady_img_s": after_first / (last - first), "startup_s": first - t0,
             "bare_before": before, "bare_after": after}
@@ -95,9 +95,12 @@ def read_only(rows: int, workdir: Path) -> dict:
     import ray
     from ray.data import ActorPoolStrategy
 
-    from lineray.cluster.local import ensure_ray
+    from lineray.cluster.local import ensure_ray, shutdown_ray
     from lineray.pipelines import JobConfig, Output, PromptSource
-    from lineray.pipelines.job import ReadAhead, ShardReader, check_job, ticket_count
+    from lineray.pipelines.checks import check_job
+    from lineray.pipelines.monitor import JobMonitor
+    from lineray.pipelines.reader import ShardReader, ticket_count
+    from lineray.pipelines.rejects import RejectCounter
 
     src = workdir / f"prompts-{rows}.jsonl"
     if not src.exists():
@@ -107,10 +110,12 @@ def read_only(rows: int, workdir: Path) -> dict:
     rules = check_job(job)
     source = PromptSource(str(src))
     ensure_ray(num_cpus=2)
-    gate = ray.remote(num_cpus=0)(ReadAhead).remote(job.read_ahead_images)
+    gate = ray.remote(num_cpus=0)(JobMonitor).remote(job.read_ahead_images)
+    budget = RejectCounter(job.max_error_fraction, job.error_check_rows)
     tickets = ticket_count(source.count_rows(), job.shard_rows)
     ds = ray.data.from_items([{"ticket": i} for i in range(tickets)], override_num_blocks=tickets).map_batches(
-        ShardReader, fn_constructor_args=(source, rules, job.shard_rows, Output(job.output), frozenset(), gate),
+        ShardReader, fn_constructor_args=(source, rules, job.shard_rows, Output(job.output), frozenset(), gate, budget,
+                                          job.source),
         batch_size=1, batch_format="pyarrow", compute=ActorPoolStrategy(size=1), num_cpus=0.25)
     reader = ProcessPeak("ray::MapWorker(MapBatches(ShardReader))")
     t0 = time.perf_counter()
@@ -120,7 +125,7 @@ def read_only(rows: int, workdir: Path) -> dict:
         gate.arrived.remote(block.num_rows)  # the driver finishes images instantly here
     seconds = time.perf_counter() - t0
     reader.stop()
-    ray.shutdown()
+    shutdown_ray()
     return {"rows": rows, "images": total, "seconds": seconds, "driver_peak_mib": _peak_mib(),
             "reader_peak_mib": reader.peak_mib}
 

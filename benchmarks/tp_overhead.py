@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_one(args, tp: int) -> dict:
-    spec = ModelSpec(preset=args.preset, checkpoint=None, decoder=None, grid_size=args.grid, dtype=args.dtype)
+    spec = ModelSpec(preset=args.preset, checkpoint="random", decoder="random", grid_size=args.grid, dtype=args.dtype)
     n_tokens = spec.config().image_tokens
     steps = min(args.tokens or n_tokens, n_tokens)
     cfg = ReplicaConfig(model=spec, cache=CacheSpec(), sampling=SamplingConfig(cfg_scale=args.cfg_scale), tp=tp)

@@ -1,43 +1,46 @@
-"""`lineray ...` console entry point.
+"""`lineray ...`: the one command line (console entry point and `python -m lineray.cli`).
 
-Subcommands live beside the code they drive; each module exposes
-`add_arguments(parser)` and `run(args) -> int`, and this file only registers them.
+    lineray sample --classes 3,5 --cache linear --rho 1/4            images in this process (no Ray)
+    lineray generate configs/jobs/digits.yaml --replicas 2           a batch job on Ray
+    lineray submit configs/jobs/s3_example.yaml --address http://head:8265 --wait
+    lineray job-status|job-logs|job-stop JOB_ID --address http://head:8265
+
+Every command's settings pass through one schema (lineray.pipelines.config, lineray.validation):
+YAML sections, then `--set KEY=VALUE`, then the named flags, each flag naming its setting in FLAGS.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-from lineray.yamlfile import load_mapping
+import yaml
 
-# name -> (module, add_arguments, run, help)
-SUBCOMMANDS = {
-    "sample": ("lineray.cli", "add_sample_arguments", "run_sample",
-               "generate images for a few class labels in this process and write PNGs + a contact sheet"),
-    "generate": ("lineray.pipelines.cli", "add_generate_arguments", "run_generate",
-                 "run a batch job (prompts file -> Parquet image dataset) on Ray"),
-    "submit": ("lineray.pipelines.cli", "add_submit_arguments", "run_submit",
-               "submit a batch job to a remote Ray cluster (JobSubmissionClient)"),
-    "job-status": ("lineray.pipelines.cli", "add_status_arguments", "run_status", "status of a submitted job"),
-    "job-logs": ("lineray.pipelines.cli", "add_logs_arguments", "run_logs", "logs of a submitted job"),
-    "job-stop": ("lineray.pipelines.cli", "add_stop_arguments", "run_stop", "stop a submitted job"),
-    "export": ("lineray.pipelines.export", "add_arguments", "run",
-               "write a job's images as PNG files plus a contact sheet"),
-    "eval": ("lineray.quality", "add_arguments", "run",
-             "evaluate cache policies on the bundled model (NLL, KL, agreement, FD, class accuracy)"),
-    "presets": ("lineray.cli", "add_presets_arguments", "run_presets",
-                "list model presets with their shapes and valid tensor-parallel sizes"),
+import lineray
+
+# argparse dest -> setting (dotted path in the job schema). One table for every command.
+FLAGS = {
+    **{k: f"model.{k}" for k in ("preset", "checkpoint", "decoder", "grid_size", "dtype", "ema")},
+    **{k: f"cache.{k}" for k in ("policy", "rho", "lines", "recent_lines", "anchor_lines", "pool",
+                                 "head_aggregate", "cfg_shared")},
+    **{k: f"sampling.{k}" for k in ("cfg_scale", "cfg_interval", "temperature", "top_k", "top_p")},
+    **{k: k for k in ("source", "output", "format", "replicas", "tp", "device", "batch_size", "memory_budget_gib",
+                      "max_batch_size", "seed", "shard_rows", "text_encoder", "max_error_fraction", "overwrite",
+                      "verify", "stall_timeout_s", "num_cpus", "object_store_gib", "compile", "ray_address")},
 }
+SAMPLE_SECTIONS = ("model", "cache", "sampling")  # what `lineray sample --config FILE` may hold
 
 
+# -- flags shared by the commands ------------------------------------------------------------------
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", dest="preset", help="model preset (GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-3B, GPT-tiny); "
-                   "default: the bundled digits model")
-    g.add_argument("--checkpoint", help="GPT checkpoint (.pt/.pth/.safetensors); 'random' for random weights")
-    g.add_argument("--vq", help="VQ-16 tokenizer checkpoint (vq_ds16_c2i.pt); 'random' for a random decoder")
-    g.add_argument("--grid-size", type=int, help="image tokens per side (16 for 256px, 24 for 384px)")
+    g.add_argument("--model", dest="preset", metavar="NAME",
+                   help="a bundled model (digits, the default) or a preset (GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-3B, "
+                        "GPT-tiny) with --checkpoint and --vq; `lineray presets` lists them")
+    g.add_argument("--checkpoint", metavar="PATH|random",
+                   help="GPT weights (.pt/.pth/.safetensors) of a preset; 'random' for random weights")
+    g.add_argument("--vq", dest="decoder", metavar="PATH|random",
+                   help="VQ-16 image decoder (vq_ds16_c2i.pt) of a preset; 'random' for a random decoder")
+    g.add_argument("--grid-size", type=int, help="image tokens per side (16 for 256 px, 24 for 384 px)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"],
                    help="compute dtype (default float32; auto = bfloat16 where the hardware has it)")
     g.add_argument("--ema", action="store_true", default=None, help="load the checkpoint's EMA weights")
@@ -47,7 +50,8 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("KV cache")
     g.add_argument("--cache", dest="policy", choices=["full", "linear", "window", "heavy_hitter"],
                    help="cache policy (default full)")
-    g.add_argument("--rho", help="cache budget as a fraction of the image tokens, e.g. 1/6")
+    g.add_argument("--rho", help="cache budget as a fraction of the image tokens, e.g. 1/6 (default 1/6 when "
+                   "a compressing policy is given without a budget)")
     g.add_argument("--cache-lines", dest="lines", type=int, help="cache budget in grid lines")
     g.add_argument("--recent-lines", type=int, help="newest lines always kept (R)")
     g.add_argument("--anchor-lines", type=int, help="first visual lines kept forever")
@@ -57,120 +61,281 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
+    g = p.add_argument_group("sampling (default: the model's own settings)")
     g.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1 = off)")
     g.add_argument("--cfg-interval", type=int, help="apply CFG to the first N+1 tokens only (-1 = all)")
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
+    g.add_argument("--temperature", type=float, help="softmax temperature (0 = greedy)")
+    g.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0 = all)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass (1 = off)")
 
 
-def specs_from_args(args, config: dict | None = None):
-    """(ModelSpec, CacheSpec, SamplingConfig or None) from a YAML dict overridden by CLI flags."""
-    from lineray.cache import CacheSpec
-    from lineray.kernels.sampling import SamplingConfig
-    from lineray.models.spec import ModelSpec
-
-    config = config or {}
-    model = dict(config.get("model") or {})
-    for key in ("preset", "grid_size", "dtype", "ema"):
-        if getattr(args, key, None) is not None:
-            model[key] = getattr(args, key)
-    if args.checkpoint is not None:
-        model["checkpoint"] = None if args.checkpoint == "random" else args.checkpoint
-    if args.vq is not None:
-        model["decoder"] = None if args.vq == "random" else args.vq
-    if "preset" in model and "checkpoint" not in model:
-        raise ValueError(f"--model {model['preset']} needs --checkpoint PATH (or --checkpoint random)")
-    if model.get("checkpoint", "bundled") != "bundled" and "decoder" not in model:
-        raise ValueError("a non-bundled model needs --vq PATH (or --vq random)")
-    cache = dict(config.get("cache") or {})
-    for key in ("policy", "rho", "lines", "recent_lines", "anchor_lines", "pool", "head_aggregate", "cfg_shared"):
-        if getattr(args, key, None) is not None:
-            cache[key] = getattr(args, key)
-    if cache.get("policy", "full") != "full" and cache.get("rho") is None and cache.get("lines") is None:
-        cache["rho"] = "1/6"
-    sampling = dict(config.get("sampling") or {})
-    for key in ("cfg_scale", "cfg_interval", "temperature", "top_k", "top_p"):
-        if getattr(args, key, None) is not None:
-            sampling[key] = getattr(args, key)
-    model_spec = ModelSpec.from_dict(model)
-    sampling_cfg = None
-    if sampling:
-        from lineray.api import default_sampling
-        base = default_sampling(model_spec).__dict__ | sampling
-        sampling_cfg = SamplingConfig(**base)
-    return model_spec, CacheSpec.from_dict(cache), sampling_cfg
-
-
-def parse_int_list(text: str, what: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip() != ""]
-    except ValueError:
-        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
-
-
-def load_yaml(paths: list[str] | str | None) -> dict:
-    """Load one or more YAML files; later files override earlier ones section by section."""
-    if not paths:
-        return {}
-    if isinstance(paths, (list, tuple)):
-        merged: dict = {}
-        for path in paths:
-            for key, value in load_yaml(path).items():
-                merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
-        return merged
-    return load_mapping(paths)
-
-
-# -- sample -------------------------------------------------------------------
-def add_sample_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9", help="comma-separated class ids")
-    p.add_argument("--count", type=int, default=1, help="images per class")
-    p.add_argument("--seed", type=int, default=0, help="image i gets seed SEED + i")
-    p.add_argument("--out", default="out/samples", help="output folder for PNGs and contact_sheet.png")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (Ray actors, gloo on CPU)")
-    p.add_argument("--compile", action="store_true",
+def add_job_arguments(p: argparse.ArgumentParser) -> None:
+    """The job file and the flags that override it."""
+    p.add_argument("config", help="job YAML (e.g. configs/jobs/digits.yaml)")
+    g = p.add_argument_group("job")
+    g.add_argument("--source", help="prompt file(s): URL, folder or glob (s3://, gs://, file paths)")
+    g.add_argument("--output", help="output dataset URL (rerun with the same output to resume)")
+    g.add_argument("--format", choices=["jsonl", "csv", "parquet"], help="prompt format (default: by extension)")
+    g.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN",
+                   help="the files' name of a prompt field, e.g. --column class=class_label --column text=caption")
+    g.add_argument("--replicas", type=int, help="model replicas")
+    g.add_argument("--tp", type=int, help="tensor-parallel size of each replica")
+    g.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
+    g.add_argument("--batch-size", type=_int_or_text, metavar="N|auto",
+                   help="images per generation batch; auto (default): the largest that fits memory")
+    g.add_argument("--memory-budget-gib", type=float,
+                   help="memory one replica rank may use for weights + K/V + activations (default: derived)")
+    g.add_argument("--max-batch-size", type=int, help="largest batch auto picks (default: 64 on CPU, memory on GPU)")
+    g.add_argument("--seed", type=int, help="job seed (image seeds derive from it, the id and the image index)")
+    g.add_argument("--shard-rows", type=int, help="prompt rows per output file (the unit of resume)")
+    g.add_argument("--text-encoder", help="local FLAN-T5 folder for text rows (t2i models)")
+    g.add_argument("--max-error-fraction", type=float,
+                   help="stop (exit 3) when more than this fraction of rows is rejected (default 0.5, "
+                        "checked after the first 1000 rows; a job whose every row is rejected always stops)")
+    g.add_argument("--overwrite", action="store_true", default=None,
+                   help="clear the output first, even files this job did not write (otherwise a foreign output "
+                        "is refused and a resumable one is resumed)")
+    g.add_argument("--verify", action="store_true", default=None,
+                   help="on resume, checksum every committed file (the size is always checked)")
+    g.add_argument("--stall-timeout-s", type=float,
+                   help="fail when no image finishes and no generator is busy this long (default 600)")
+    g.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the dense parts of the decode step (pays on GPUs; see benchmarks)")
-    p.add_argument("--config", action="append", help="YAML with model:, cache:, sampling: sections; may repeat "
-                   "(e.g. configs/models/X.yaml --config configs/cache/linear-1-6.yaml); flags override")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any job setting, dotted for sections: --set cache.rho=1/6 --set resources.decoders=2")
     add_model_arguments(p)
     add_cache_arguments(p)
     add_sampling_arguments(p)
 
 
-def run_sample(args) -> int:
-    from lineray.api import sample
+def _int_or_text(text: str) -> int | str:
+    """--batch-size: a number, else the text as is (the schema names a bad value)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
-    model, cache, sampling = specs_from_args(args, load_yaml(args.config))
-    classes = [c for c in parse_int_list(args.classes, "--classes") for _ in range(args.count)]
-    model_cfg = model.config()
-    model_cfg.check_tp(args.tp, model.preset)
-    plan = cache.plan(model_cfg.grid_size, model_cfg.grid_size, model_cfg.image_tokens)
-    print(f"lineray sample: {len(classes)} images, model {model.preset if not model.is_bundled else 'bundled digits'}, "
-          f"cache {plan.describe()}, tp {args.tp}", file=sys.stderr)
+
+def overrides_from_args(args) -> dict:
+    """Dotted settings from `--set` and then the named flags (FLAGS) that were given."""
+    from lineray.pipelines.config import parse_columns, parse_set
+
+    overrides = parse_set(getattr(args, "set", None) or [])
+    overrides |= {key: getattr(args, dest) for dest, key in FLAGS.items() if getattr(args, dest, None) is not None}
+    if getattr(args, "column", None):
+        overrides["columns"] = parse_columns(args.column)
+    return overrides
+
+
+def job_from_args(args):
+    """The JobConfig of a YAML file overridden by --set and then by the named flags."""
+    from lineray.pipelines.config import JobConfig
+
+    return JobConfig.from_yaml(args.config, overrides_from_args(args))
+
+
+# -- sample ----------------------------------------------------------------------------------------
+def add_sample_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9", help="comma-separated class ids")
+    p.add_argument("--count", type=int, default=1, help="images per class")
+    p.add_argument("--seed", type=int, default=0, help="image i gets seed SEED + i")
+    p.add_argument("--out", default="out/samples", help="output folder for PNGs and contact_sheet.png")
+    p.add_argument("--batch-size", type=int, default=16, help="images generated together")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (Ray actors, gloo on CPU)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when a GPU is present, else cpu)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the dense parts of the decode step (pays on GPUs; see benchmarks)")
+    p.add_argument("--config", action="append", metavar="YAML",
+                   help="YAML with model:, cache:, sampling: sections; may repeat (e.g. configs/models/X.yaml "
+                        "--config configs/cache/linear-1-6.yaml); flags override")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any model, cache or sampling setting, dotted: --set cache.pool=3")
+    add_model_arguments(p)
+    add_cache_arguments(p)
+    add_sampling_arguments(p)
+
+
+def sample_settings(args):
+    """(ModelSpec, CacheSpec, SamplingConfig) from the --config files, --set and the flags, through the schema."""
+    from lineray.pipelines.config import JobConfigError, apply_overrides, with_default_sampling
+    from lineray.validation import from_data
+
+    data = merge_yaml(args.config)
+    unknown = sorted(set(data) - set(SAMPLE_SECTIONS))
+    if unknown:
+        raise JobConfigError(f"{', '.join(unknown)}: unknown section(s) for sample; it reads "
+                             f"{', '.join(SAMPLE_SECTIONS)}")
+    overrides = {k: v for k, v in overrides_from_args(args).items() if k.split(".")[0] in SAMPLE_SECTIONS}
+    data = apply_overrides(data, overrides)
+    cache = data.get("cache") or {}
+    if cache.get("policy", "full") != "full" and cache.get("rho") is None and cache.get("lines") is None:
+        data["cache"] = cache | {"rho": "1/6"}  # `--cache linear` alone: LineAR's headline budget
+    data = with_default_sampling(data)
+    from lineray.cache import CacheSpec
+    from lineray.kernels.sampling import SamplingConfig
+    from lineray.models.spec import ModelSpec
+    return tuple(from_data(cls, data.get(name), JobConfigError, name)
+                 for cls, name in ((ModelSpec, "model"), (CacheSpec, "cache"), (SamplingConfig, "sampling")))
+
+
+def merge_yaml(paths: list[str] | None) -> dict:
+    """Several YAML files; later files override earlier ones section by section."""
+    from lineray.yamlfile import load_mapping
+
+    merged: dict = {}
+    for path in paths or []:
+        for key, value in load_mapping(path).items():
+            merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    return merged
+
+
+def parse_classes(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--classes must be comma-separated class ids, got {text!r}") from None
+
+
+def run_sample(args) -> int:
+    from lineray.api import resolve_device, sample
+
+    model, cache, sampling = sample_settings(args)
+    classes = [c for c in parse_classes(args.classes) for _ in range(args.count)]
+    cfg = model.config()
+    plan = cache.plan(cfg.grid_size, cfg.grid_size, cfg.image_tokens)
+    device = resolve_device(args.device)
+    print(f"lineray sample: {len(classes)} images, model {model.name}, cache {plan.describe()}, tp {args.tp}, "
+          f"{device}", file=sys.stderr)
+    # sample() checks the class ids and the tp size before the model loads
     run = lambda: sample(classes, model=model, cache=cache, sampling=sampling, seed=args.seed,  # noqa: E731
-                         batch_size=args.batch_size, tp=args.tp, compile=args.compile, out=args.out)
+                         batch_size=args.batch_size, tp=args.tp, device=device, compile=args.compile, out=args.out)
     if args.tp > 1:
         from lineray.cluster.local import ray_session
         with ray_session():
             result = run()
     else:
         result = run()
-    print(f"wrote {len(result.paths)} images and {result.sheet} "
-          f"({result.images_per_second:.2f} images/s)")
+    print(f"wrote {len(result.paths)} images and {result.sheet} ({result.images_per_second:.2f} images/s)")
     return 0
 
 
-# -- presets ------------------------------------------------------------------
-def add_presets_arguments(p: argparse.ArgumentParser) -> None:
-    pass
+# -- generate / submit / job-* -----------------------------------------------------------------------
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    add_job_arguments(p)
+    p.add_argument("--address", dest="ray_address", help="Ray cluster to run on (e.g. auto, ray://head:10001); "
+                   "default: $RAY_ADDRESS, else a private local Ray")
+    p.add_argument("--num-cpus", type=int, help="logical CPUs of the private local Ray (default: enough for all stages)")
+    p.add_argument("--object-store-gib", type=float,
+                   help="object store of the private local Ray (default: sized from the machine's memory)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray's and Ray Data's own output on the console too (default: in OUTPUT/_logs/)")
+
+
+# Exit codes (README, "What a job guarantees"):
+EXIT_OK = 0  # every valid row's images are in the dataset (bad rows are in errors/)
+EXIT_FAILED = 1  # the job failed while running (a crash, a Ray error): rerun the same command to resume
+EXIT_REFUSED = 2  # refused before starting: settings, prompt source, output (foreign, unreachable), resources
+EXIT_BAD_ROWS = 3  # too many rows rejected (max_error_fraction); the message gives the most common reasons
+EXIT_STALLED = 4  # no progress for stall_timeout_s: the message names the stuck stage; rerun resumes
+
+
+def run_generate(args) -> int:
+    from lineray.pipelines.console import quiet_console
+    from lineray.pipelines.job import run_job
+    from lineray.pipelines.monitor import JobStalled
+    from lineray.pipelines.rejects import TooManyBadRows
+
+    job = job_from_args(args)  # a bad setting fails here: before Ray, before the console log file
+    with quiet_console(job.output, job.storage_options, verbose=args.verbose) as console:
+        try:
+            run_job(job, progress=not args.quiet, progress_stream=console)
+        except (TooManyBadRows, JobStalled) as e:
+            print(f"lineray: error: {e}", file=console)
+            return EXIT_BAD_ROWS if isinstance(e, TooManyBadRows) else EXIT_STALLED
+        except (ValueError, FileNotFoundError, ImportError) as e:
+            print(f"lineray: error: {e}", file=console)
+            return EXIT_REFUSED
+    return EXIT_OK  # the summary line is already on the console (and in OUTPUT/_summary.json)
+
+
+def _add_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://head:8265")
+
+
+def add_submit_arguments(p: argparse.ArgumentParser) -> None:
+    add_job_arguments(p)
+    _add_address(p)
+    p.add_argument("--no-package", action="store_true", help="do not upload lineray (the cluster image has it)")
+    p.add_argument("--pip", action="append", default=[], help="extra pip package for the job's runtime_env")
+    p.add_argument("--submission-id", help="job id to use (default: Ray picks one)")
+    p.add_argument("--python", default="python", help="interpreter on the cluster that runs the driver")
+    p.add_argument("--wait", action="store_true", help="stream the job's logs as they come and wait for its end")
+
+
+def run_submit(args) -> int:
+    from lineray.cluster import submit as jobs
+
+    job_id = jobs.submit(job_from_args(args), args.address, package=not args.no_package, pip=args.pip or None,
+                         submission_id=args.submission_id, python=args.python)
+    print(f"submitted {job_id} to {args.address}", flush=True)
+    if not args.wait:
+        print(f"follow it with: lineray job-logs {job_id} --address {args.address}")
+        return 0
+    state = jobs.follow(job_id, args.address, write=lambda text: print(text, end="", flush=True))
+    print(f"{job_id}: {state}")
+    return 0 if state == "SUCCEEDED" else 1
+
+
+def add_job_id_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job_id", help="the submission id printed by `lineray submit`")
+    _add_address(p)
+
+
+def run_status(args) -> int:
+    from lineray.cluster.submit import status
+    print(status(args.job_id, args.address))
+    return 0
+
+
+def run_logs(args) -> int:
+    from lineray.cluster.submit import logs
+    print(logs(args.job_id, args.address), end="")
+    return 0
+
+
+def run_stop(args) -> int:
+    from lineray.cluster.submit import stop
+    print("stopping" if stop(args.job_id, args.address) else "not running")
+    return 0
+
+
+# -- export / eval / presets ---------------------------------------------------------------------
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    from lineray.pipelines.export import add_arguments
+    add_arguments(p)
+
+
+def run_export(args) -> int:
+    from lineray.pipelines.export import run
+    return run(args)
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    from lineray.quality.runner import add_arguments
+    add_arguments(p)
+
+
+def run_eval(args) -> int:
+    from lineray.quality.runner import run
+    return run(args)
 
 
 def run_presets(args) -> int:
+    from lineray.models.bundles import BUNDLES
     from lineray.models.config import PRESETS, preset
 
+    print(f"bundled models (weights included): {', '.join(BUNDLES)}")
     print(f"{'preset':<12}{'layers':>7}{'dim':>6}{'heads':>6}{'head_dim':>9}{'ffn':>6}{'params':>9}  valid tp")
     for name in PRESETS:
         c = preset(name)
@@ -180,34 +345,39 @@ def run_presets(args) -> int:
     return 0
 
 
-# -- entry point --------------------------------------------------------------
+# name -> (add_arguments, run, help)
+COMMANDS = {
+    "sample": (add_sample_arguments, run_sample,
+               "generate images for a few class labels in this process and write PNGs + a contact sheet"),
+    "generate": (add_generate_arguments, run_generate, "run a batch job (prompts file -> Parquet image dataset) on Ray"),
+    "submit": (add_submit_arguments, run_submit, "submit a batch job to a remote Ray cluster (JobSubmissionClient)"),
+    "job-status": (add_job_id_arguments, run_status, "status of a submitted job"),
+    "job-logs": (add_job_id_arguments, run_logs, "logs of a submitted job"),
+    "job-stop": (add_job_id_arguments, run_stop, "stop a submitted job"),
+    "export": (add_export_arguments, run_export, "write a job's images as PNG files plus a contact sheet"),
+    "eval": (add_eval_arguments, run_eval,
+             "evaluate cache policies on the bundled model (NLL, KL, agreement, FD, class accuracy)"),
+    "presets": (lambda p: None, run_presets, "list bundled models and presets with their shapes and valid tp sizes"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lineray", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (module, add, _, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        try:
-            getattr(importlib.import_module(module), add)(p)
-        except (ImportError, AttributeError):  # a feature not installed in this build
-            p.set_defaults(_unavailable=True)
+    parser = argparse.ArgumentParser(prog="lineray", description=__doc__.splitlines()[0].strip("`"))
+    parser.add_argument("--version", action="version", version=f"lineray {lineray.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (add, _, help_text) in COMMANDS.items():
+        add(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lineray.cache import CacheConfigError
-    from lineray.models.checkpoint import CheckpointError
-    from lineray.models.generate import GenerationError
-
     args = build_parser().parse_args(argv)
-    if getattr(args, "_unavailable", False):
-        print(f"lineray: error: '{args.command}' is not available in this build", file=sys.stderr)
-        return 2
-    module, _, run, _ = SUBCOMMANDS[args.command]
     try:
-        return int(getattr(importlib.import_module(module), run)(args) or 0)
-    except (CheckpointError, GenerationError, CacheConfigError, ValueError, FileNotFoundError) as e:
+        return int(COMMANDS[args.command][1](args) or 0)
+    except (ValueError, FileNotFoundError, ImportError, yaml.YAMLError) as e:
+        # config, checkpoint, cache, source and generation errors are ValueErrors with a one-line reason
         print(f"lineray: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     except KeyboardInterrupt:
         print("lineray: interrupted", file=sys.stderr)
         return 130

@@ -1,4 +1,5 @@
 import os
+import time
 
 import pytest
 import torch
@@ -25,3 +26,13 @@ def tiny_model(grid: int = 8, model_type: str = "c2i", seed: int = 0, **override
 @pytest.fixture
 def make_tiny():
     return tiny_model
+
+
+def wait_until(check, timeout: float = 30.0, what: str = "condition", interval: float = 0.1):
+    """Poll `check` until it is true; fail after `timeout` s. Ray hands resources, placement groups and
+    actors back asynchronously (DESIGN.md section 8): assert on them with this, never once."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)

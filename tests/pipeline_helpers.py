@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 # GPT-tiny with random weights and a small random VQ decoder: 4x4 tokens -> 64x64 px images.
-TINY_MODEL = dict(preset="GPT-tiny", checkpoint=None, decoder=None, grid_size=4,
+TINY_MODEL = dict(preset="GPT-tiny", checkpoint="random", decoder="random", grid_size=4,
                   vq_config=dict(codebook_size=256, ch=32, z_channels=32))
 IMAGE_PX = 64
 

@@ -15,7 +15,7 @@ from lineray.pipelines import JobConfig, JobConfigError, StageResources, batchin
 from lineray.pipelines.batching import GiB, resolve_batch_size
 
 REPO = Path(__file__).resolve().parent.parent
-GPT_B = dict(preset="GPT-B", checkpoint=None, decoder=None, grid_size=24)  # random weights: nothing is loaded
+GPT_B = dict(preset="GPT-B", checkpoint="random", decoder="random", grid_size=24)  # random weights: nothing is loaded
 LINEAR = {"policy": "linear", "rho": "1/6"}
 
 
@@ -124,13 +124,14 @@ def test_batch_settings_parse_and_name_bad_values():
     base = tiny_job("bundled", "out")
     del base["max_batch_size"]
     job = JobConfig.from_dict(base)
-    assert (job.batch_size, job.memory_budget_gib, job.max_batch_size) == ("auto", None, 64)
+    assert (job.batch_size, job.memory_budget_gib, job.max_batch_size, job.batch_cap) == ("auto", None, None, 64)
+    assert job.replace(device="cuda").batch_cap > 64  # on a GPU, memory decides
     assert JobConfig.from_dict(base | {"batch_size": 12, "memory_budget_gib": 1.5}).batch_size == 12
     assert JobConfig.from_dict(base | {"memory_budget_gib": 2}).memory_budget_gib == 2
-    for key, value, message in [("batch_size", "lots", "batch_size must be a whole number >= 1 or auto, got 'lots'"),
-                                ("batch_size", 0, "batch_size must be a whole number >= 1 or auto, got 0"),
+    for key, value, message in [("batch_size", "lots", "batch_size must be a whole number or 'auto', got 'lots'"),
+                                ("batch_size", 0, "batch_size must be a whole number >= 1 or 'auto', got 0"),
                                 ("batch_size", 2.5, "batch_size must be"), ("batch_size", True, "batch_size must be"),
-                                ("memory_budget_gib", -1, "memory_budget_gib must be a number of GiB > 0, got -1"),
+                                ("memory_budget_gib", -1, "memory_budget_gib must be > 0, got -1"),
                                 ("memory_budget_gib", "12GiB", "memory_budget_gib must be"),
                                 ("memory_budget_gib", float("nan"), "memory_budget_gib must be"),
                                 ("max_batch_size", 0, "max_batch_size must be a whole number >= 1")]:
@@ -144,7 +145,7 @@ def test_batch_settings_parse_and_name_bad_values():
 
 
 def test_cli_flags(tmp_path):
-    from lineray.pipelines import cli
+    from lineray import cli
 
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(tiny_job("bundled", str(tmp_path / "out"), batch_size=8)))
@@ -154,7 +155,7 @@ def test_cli_flags(tmp_path):
                                                "--max-batch-size", "32"]))
     assert (job.batch_size, job.memory_budget_gib, job.max_batch_size) == ("auto", 1.5, 32)
     assert cli.job_from_args(parser.parse_args([str(path), "--batch-size", "16"])).batch_size == 16
-    with pytest.raises(JobConfigError, match="batch_size must be a whole number >= 1 or auto, got 'lots'"):
+    with pytest.raises(JobConfigError, match="batch_size must be a whole number or 'auto', got 'lots'"):
         cli.job_from_args(parser.parse_args([str(path), "--batch-size", "lots"]))
 
 

@@ -171,3 +171,45 @@ def test_vq_decoder_default_is_vq16_shape():
         vq = VQDecoder(cfg)
     assert vq.decoder.conv_in.weight.shape == (512, 256, 3, 3)
     assert vq.image_size(24) == 384
+
+
+# -- condition embeddings as LlamaGen writes them ------------------------------------------------
+def test_t2i_checkpoint_with_a_short_condition_loads(tmp_path):
+    """LlamaGen's uncond_embedding always has 120 rows; a model with 12 condition tokens uses the first 12."""
+    src = tiny_model(4, model_type="t2i")  # cls_token_num 12, caption_dim 32
+    sd = src.state_dict()
+    null = torch.randn(120, 32, generator=torch.Generator().manual_seed(3))
+    sd["cls_embedding.uncond_embedding"] = null
+    path = tmp_path / "t2i.pt"
+    torch.save({"model": sd}, path)
+    dst = fresh(src)
+    load_checkpoint(dst, path)
+    cond = torch.randn(2, 12, 32)
+    assert torch.equal(dst.null_condition(cond), null[:12].expand(2, 12, 32))
+    # a checkpoint written by an older lineray (uncond_embedding sized by the condition) loads too
+    sd["cls_embedding.uncond_embedding"] = null[:12].clone()
+    torch.save({"model": sd}, path)
+    load_checkpoint(dst := fresh(src), path)
+    assert torch.equal(dst.null_condition(cond), null[:12].expand(2, 12, 32))
+
+
+def test_c2i_checkpoint_without_a_null_class_loads_and_refuses_cfg(tmp_path):
+    """class_dropout_prob=0 in LlamaGen: the table has num_classes rows and no null class."""
+    src = tiny_model(4)
+    sd = src.state_dict()
+    sd["cls_embedding.embedding_table.weight"] = sd["cls_embedding.embedding_table.weight"][:10].clone()
+    path = tmp_path / "c2i.pt"
+    torch.save({"model": sd}, path)
+    dst = fresh(src)
+    load_checkpoint(dst, path)
+    assert not dst.supports_cfg
+    plain = SamplingConfig(cfg_scale=1.0)
+    got = generate_tokens(dst, Condition.classes([3, 4]), [5, 6], sampling=plain).tokens
+    assert torch.equal(got, generate_tokens(src, Condition.classes([3, 4]), [5, 6], sampling=plain).tokens)
+    with pytest.raises(ValueError, match="no null-class row .*class_dropout_prob=0.*cfg_scale"):
+        generate_tokens(dst, Condition.classes([3]), [5], sampling=SamplingConfig(cfg_scale=2.0))
+    # a table of any other size is still a shape mismatch, named
+    sd["cls_embedding.embedding_table.weight"] = torch.zeros(7, src.config.dim)
+    torch.save({"model": sd}, path)
+    with pytest.raises(CheckpointError, match=r"cls_embedding\.embedding_table\.weight \(checkpoint \[7, 64\]"):
+        load_checkpoint(fresh(src), path)

@@ -4,7 +4,9 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
+from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -35,7 +37,7 @@ def test_s3_end_to_end_with_two_replicas(ray_session, s3, tmp_path):
     assert got[("seeded", 0)]["seed"] == 1234
     assert got[("two", 1)]["seed"] == image_seed(0, "two", 1) and got[("two", 1)]["count"] == 2
     assert got[("strong", 0)]["cfg_scale"] == 6.0 and got[("img-00", 0)]["cfg_scale"] == 2.0
-    assert got[("img-07", 0)]["class"] == 7 and got[("img-07", 0)]["cache_policy"].startswith("linear 2/4 lines")
+    assert got[("img-07", 0)]["label"] == 7 and got[("img-07", 0)]["cache_policy"].startswith("linear 2/4 lines")
     for image in table["image"].to_pylist():
         png = Image.open(io.BytesIO(image["bytes"]))
         assert png.format == "PNG" and png.size == (IMAGE_PX, IMAGE_PX) and png.mode == "RGB"
@@ -52,9 +54,11 @@ def test_s3_end_to_end_with_two_replicas(ray_session, s3, tmp_path):
     assert isinstance(hf.features["image"], datasets.Image) and hf.num_rows == 14
     assert hf[0]["image"].size == (IMAGE_PX, IMAGE_PX)
 
-    # Rerunning the finished job does nothing and writes nothing twice.
-    again = run_job(job, progress=False)
+    # Rerunning the finished job says so, starts no pipeline and writes nothing twice.
+    logs = []
+    again = run_job(job, progress=False, log=logs.append)
     assert (again.images, again.skipped_shards, again.total_images) == (0, 4, 14)
+    assert any("is complete (4 shards): nothing to do" in m for m in logs), logs
 
 
 def test_bad_rows_go_to_the_errors_dataset(ray_session, tmp_path):
@@ -75,7 +79,7 @@ def test_bad_rows_go_to_the_errors_dataset(ray_session, tmp_path):
 
     images = pq.read_table(out / "data").to_pylist()
     assert sorted(r["id"] for r in images) == ["ok-1", "ok-2"]
-    assert next(r for r in images if r["id"] == "ok-1")["class"] == 1  # the first ok-1 wins
+    assert next(r for r in images if r["id"] == "ok-1")["label"] == 1  # the first ok-1 wins
     errors = {e["row"]: e for e in pq.read_table(out / "errors").to_pylist()}
     assert {row: e["reason"].split(":")[0] for row, e in errors.items()} == {
         2: "unknown class 42", 3: "malformed JSON line", 4: "missing id", 5: "duplicate id 'ok-1'",
@@ -84,3 +88,22 @@ def test_bad_rows_go_to_the_errors_dataset(ray_session, tmp_path):
     manifest = Output(str(out)).committed()
     assert sorted((e["rows"], e["images"], e["errors"]) for e in manifest.values()) == [(2, 0, 2), (6, 2, 4)]
     assert not (out / "_tmp").exists()
+
+
+def test_the_label_column_is_a_class_label_where_the_model_names_its_classes(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from lineray.images import png_bytes
+    from lineray.pipelines.checks import class_names
+    from lineray.pipelines.sink import image_schema, image_table
+
+    digits = JobConfig.from_yaml(Path(__file__).resolve().parent.parent / "configs" / "jobs" / "digits.yaml")
+    assert class_names(digits) == [str(d) for d in range(10)]
+    assert class_names(JobConfig.from_dict(tiny_job("p.jsonl", "out"))) is None  # random weights: no names
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    rows = [{"row": r, "image_index": 0, "id": f"x{r}", "label": r % 2, "text": "", "cfg_scale": 2.0, "count": 1,
+             "seed": r, "width": 8, "height": 8, "png": png_bytes(pixels)} for r in (1, 2)]
+    pq.write_table(image_table(rows, "m", "full", image_schema(["zero", "one"])), tmp_path / "part.parquet")
+    hf = datasets.load_dataset("parquet", data_files=str(tmp_path / "part.parquet"), split="train",
+                               cache_dir=str(tmp_path / "hf"))
+    assert isinstance(hf.features["label"], datasets.ClassLabel) and hf.features["label"].names == ["zero", "one"]
+    assert [hf.features["label"].int2str(v) for v in hf["label"]] == ["one", "zero"]

@@ -43,7 +43,8 @@ def test_resume_after_killing_the_driver(ray_session, s3, tmp_path):
     path.write_text(yaml.safe_dump(job))
     out = Output("s3://bucket/out/kill", s3.options)
     log = tmp_path / "driver.log"
-    proc = subprocess.Popen([sys.executable, "-m", "lineray.pipelines.cli", "generate", str(path), "--num-cpus", "3"],
+    proc = subprocess.Popen([sys.executable, "-m", "lineray.cli", "generate", str(path), "--num-cpus", "3",
+                             "--verbose"],  # Ray's own lines (its temp dir) on stderr
                             env=dict(os.environ, RAY_AUTH_MODE="disabled"), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=log.open("wb"))
     done = {}
@@ -60,6 +61,7 @@ def test_resume_after_killing_the_driver(ray_session, s3, tmp_path):
 
     # Nothing of the killed Ray may linger (its processes name its temp dir).
     temp = re.search(r"(/tmp/lineray-ray-[A-Za-z0-9_]+)", log.read_text())
+    assert temp, f"the driver log does not name its Ray's temp dir:\n{log.read_text()[-2000:]}"
     if temp:
         deadline = time.time() + 30
         while _processes_under(temp.group(1)) and time.time() < deadline:
@@ -82,19 +84,27 @@ def test_leftovers_are_redone_and_a_different_job_is_refused(ray_session, tmp_pa
     src.write_bytes(jsonl_bytes([{"id": f"x{i}", "class": i} for i in range(6)]))
     out = tmp_path / "out"
     job = JobConfig.from_dict(tiny_job(str(src), str(out)))
-    # What a crash can leave: a temp file, and a data file of a shard that was never committed.
-    (out / "_tmp").mkdir(parents=True)
-    (out / "_tmp" / "junk.parquet").write_bytes(b"partial")
+    # What a crash can leave: a temp file of ours, and a data file of a shard that was begun but never committed.
+    key = shard_key("p.jsonl", 1)
+    Output(str(out)).write_json(str(out / "_job.json"), {"fingerprint": job.fingerprint()})
+    Output(str(out)).begin_shard(key)
+    (out / "_tmp").mkdir(parents=True, exist_ok=True)
+    (out / "_tmp" / f"{'0' * 32}-part-x.parquet").write_bytes(b"partial")
     (out / "data").mkdir()
-    (out / "data" / f"part-{shard_key('p.jsonl', 1)}.parquet").write_bytes(b"partial")
-    (out / "data" / f"part-{shard_key('gone.jsonl', 1)}.parquet").write_bytes(b"partial")
+    (out / "data" / f"part-{key}.parquet").write_bytes(b"partial")
     summary = run_job(job, progress=False)
     assert summary.total_images == 6
     assert sorted(p.name.split("-")[-1] for p in (out / "data").iterdir()) == ["0000000001.parquet",
                                                                                "0000000005.parquet"]
     assert pq.read_table(out / "data").num_rows == 6 and not (out / "_tmp").exists()
+    assert not (out / "_inflight").exists() or not list((out / "_inflight").iterdir())
 
     with pytest.raises(JobConfigError, match="holds a job with different seed"):
         run_job(job.replace(seed=1), progress=False)
     redo = run_job(job.replace(seed=1), progress=False, overwrite=True)
     assert (redo.images, redo.skipped_shards) == (6, 0)
+
+    # A data file named like a shard's but in no manifest entry or in-flight record is not ours: refused.
+    (out / "data" / f"part-{shard_key('gone.jsonl', 1)}.parquet").write_bytes(b"theirs")
+    with pytest.raises(JobConfigError, match="named like this job's shard files"):
+        run_job(job.replace(seed=1), progress=False)

@@ -84,7 +84,7 @@ def test_t2i_job_with_text_and_embedding_rows(ray_session, t5_path, tmp_path):
     table = pq.read_table(out / "data").to_pylist()
     assert sorted((r["id"], r["image_index"]) for r in table) == [("cat", 0), ("dogs", 0), ("dogs", 1), ("emb", 0)]
     assert {r["text"] for r in table} == {"a red cat", "two blue dogs", "precomputed"}
-    assert all(r["class"] is None for r in table)
+    assert all(r["label"] is None for r in table)
     for r in table:
         assert Image.open(io.BytesIO(r["image"]["bytes"])).size == (IMAGE_PX, IMAGE_PX)
     (error,) = pq.read_table(out / "errors").to_pylist()

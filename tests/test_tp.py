@@ -29,7 +29,7 @@ from lineray.workers.replica import ReplicaConfig, make_replica  # noqa: E402
 from lineray.workers.tp_replica import ReplicaError, TPOptions, TPReplica  # noqa: E402
 from lineray.workers.worker import TPWorker, weight_bytes  # noqa: E402
 
-TINY = ModelSpec(preset="GPT-tiny", checkpoint=None, decoder=None, grid_size=8)
+TINY = ModelSpec(preset="GPT-tiny", checkpoint="random", decoder="random", grid_size=8)
 SAMPLING = SamplingConfig(cfg_scale=4.0, temperature=1.0)
 LINEAR = CacheSpec(policy="linear", lines=3)  # evicts: 3 of 8 lines kept
 COND = Condition.classes([1, 7, 3])
@@ -107,7 +107,7 @@ def test_bad_tp_is_refused_with_the_valid_sizes():
     with pytest.raises(ValueError, match=r"tp=3 .*4 attention heads.*valid tensor-parallel sizes are 1, 2, 4"):
         make_replica(config(tp=3))
     with pytest.raises(ValueError, match=r"valid tensor-parallel sizes are 1, 2, 3, 4, 6, 12"):
-        TPReplica(config(spec=ModelSpec(preset="GPT-B", checkpoint=None, decoder=None), tp=5))
+        TPReplica(config(spec=ModelSpec(preset="GPT-B", checkpoint="random", decoder="random"), tp=5))
 
 
 # -- equality, memory, failure and cleanup on one replica ------------------------------

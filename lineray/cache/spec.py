@@ -1,9 +1,15 @@
 """Cache policy configuration, validated against the image grid before any tensor exists."""
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from fractions import Fraction
+
+from pydantic import field_validator
+from pydantic.dataclasses import dataclass
+
+from lineray.validation import STRICT, from_data
 
 POLICIES = ("full", "linear", "window", "heavy_hitter")
 
@@ -14,22 +20,34 @@ class CacheConfigError(ValueError):
 
 def parse_fraction(text: str | float | int) -> float:
     """'1/6' -> 0.1666..., '0.25' -> 0.25."""
+    if isinstance(text, bool) or not isinstance(text, (str, float, int)):
+        raise CacheConfigError(f"rho must be a number or a fraction like 1/6, got {text!r}")
     try:
         return float(Fraction(str(text).strip()))
     except (ValueError, ZeroDivisionError) as e:
         raise CacheConfigError(f"rho must be a number or a fraction like 1/6, got {text!r}") from e
 
 
-@dataclass(frozen=True)
+def show_fraction(x: float) -> str:
+    """How a user wrote it: 0.25 -> '0.25', 7/6 -> '7/6' (not 1.16667)."""
+    short = f"{x:g}"
+    if float(short) == x:
+        return short
+    frac = Fraction(x).limit_denominator(1000)
+    return f"{frac.numerator}/{frac.denominator}" if float(frac) == x else f"{x:.6g}"
+
+
+@dataclass(frozen=True, config=STRICT)
 class CacheSpec:
-    """What the user asks for: `cache: {policy: linear, rho: 1/6}`.
+    """What the user asks for: `cache: {policy: linear, rho: 1/6}`, or `CacheSpec("linear", rho="1/6")`.
 
     The visual budget B is a whole number of grid lines, given either as `lines`
     or as `rho` (a fraction of the image tokens, rounded to the nearest line).
-    Condition tokens are always kept and never count towards B.
+    Condition tokens are always kept and never count towards B. The settings are
+    checked against a grid by `plan`.
     """
     policy: str = "full"
-    rho: float | None = None
+    rho: float | None = None  # a number or a fraction written as text ("1/6")
     lines: int | None = None
     recent_lines: int | None = None  # R: newest lines always kept (default: 1 linear, B/2 heavy_hitter, B window)
     anchor_lines: int = 0  # first visual lines kept forever, counted in B
@@ -37,15 +55,15 @@ class CacheSpec:
     pool: int = 1  # odd size of the 2D neighbourhood the scores are summed over (1 = none)
     cfg_shared: bool = False  # unconditional CFG rows keep what their conditional row keeps
 
+    @field_validator("rho", mode="before")
+    @classmethod
+    def _rho_fraction(cls, value):
+        return None if value is None else parse_fraction(value)
+
     @classmethod
     def from_dict(cls, d: dict | None) -> "CacheSpec":
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise CacheConfigError(f"unknown cache setting(s): {', '.join(sorted(unknown))}")
-        if d.get("rho") is not None:
-            d["rho"] = parse_fraction(d["rho"])
-        return cls(**d)
+        """From YAML-style data: {"policy": "linear", "rho": "1/6"}."""
+        return from_data(cls, d, CacheConfigError, "cache")
 
     def plan(self, grid_h: int, grid_w: int, image_tokens: int | None = None) -> "CachePlan":
         """Check the settings against an h x w grid and resolve the budget."""
@@ -63,7 +81,7 @@ class CacheSpec:
             lines = self.lines
         elif self.rho is not None:
             if not 0.0 < self.rho <= 1.0:
-                raise CacheConfigError(f"rho must be in (0, 1], got {self.rho:g}")
+                raise CacheConfigError(f"rho must be in (0, 1], got {show_fraction(self.rho)}")
             lines = max(1, math.floor(self.rho * grid_h + 0.5))
         else:
             raise CacheConfigError(f"cache policy {self.policy!r} needs a budget: rho (e.g. 1/6) or lines")
@@ -89,7 +107,7 @@ class CacheSpec:
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class CachePlan:
     """A validated spec bound to a grid: everything the cache needs to size itself."""
     spec: CacheSpec

@@ -7,12 +7,13 @@ and every tensor-parallel rank samples the same token without communicating.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+from pydantic.dataclasses import dataclass
+
+from lineray.validation import STRICT
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)  # validated on construction (lineray.validation)
 class SamplingConfig:
     cfg_scale: float = 4.0
     cfg_interval: int = -1  # apply CFG to tokens 0..cfg_interval only; -1 = all tokens

@@ -115,6 +115,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, ema: bool = Fa
     names checkpoint parts the model does not use (e.g. a VQ model's encoder).
     """
     reader = CheckpointReader(path, ema=ema)
+    fit = getattr(model, "fit_checkpoint", None)  # parts whose size only the checkpoint tells
+    if fit is not None:
+        fit({k: reader.shape(k) for k in reader.keys()})
     expected = {t.key: t for t in checkpoint_tensors(model)}
     present = set(reader.keys())
     missing = sorted(k for k in expected if k not in present)

@@ -79,12 +79,25 @@ class TransformerBlock(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class label -> one condition token; row `num_classes` is the null class used by CFG."""
+    """Class label -> one condition token; row `num_classes` is the null class used by CFG.
+
+    LlamaGen adds the null row only when it trains with class_dropout_prob > 0; a checkpoint
+    trained without dropout has `num_classes` rows and cannot do CFG (fit_checkpoint)."""
 
     def __init__(self, num_classes: int, dim: int):
         super().__init__()
         self.num_classes = num_classes
         self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    @property
+    def has_null_class(self) -> bool:
+        return self.embedding_table.num_embeddings > self.num_classes
+
+    def fit_checkpoint(self, rows: int) -> None:
+        """Match a checkpoint's table: num_classes + 1 rows, or num_classes (no null class)."""
+        if rows == self.num_classes and self.has_null_class:
+            old = self.embedding_table.weight
+            self.embedding_table = nn.Embedding(rows, old.size(1), device=old.device, dtype=old.dtype)
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         return self.embedding_table(labels).unsqueeze(1)
@@ -100,14 +113,30 @@ class CaptionMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+# LlamaGen's CaptionEmbedder allocates `uncond_embedding` with 120 rows whatever the model's
+# condition length (cls_token_num); a shorter condition uses its first rows.
+LLAMAGEN_UNCOND_ROWS = 120
+
+
 class CaptionEmbedder(nn.Module):
-    """Caption features [B, T, caption_dim] -> T condition tokens; `uncond_embedding` is the CFG null caption."""
+    """Caption features [B, T, caption_dim] -> T condition tokens; `uncond_embedding[:T]` is the CFG null caption."""
 
     def __init__(self, caption_dim: int, dim: int, token_num: int):
         super().__init__()
+        self.token_num = token_num
         self.cap_proj = CaptionMLP(caption_dim, dim)
-        self.uncond_embedding = nn.Parameter(torch.randn(token_num, caption_dim) / caption_dim ** 0.5,
+        rows = max(token_num, LLAMAGEN_UNCOND_ROWS)
+        self.uncond_embedding = nn.Parameter(torch.randn(rows, caption_dim) / caption_dim ** 0.5,
                                              requires_grad=False)
+
+    def fit_checkpoint(self, rows: int) -> None:
+        """Take a checkpoint's null caption of any length that covers the condition (120 in LlamaGen)."""
+        old = self.uncond_embedding
+        if rows >= self.token_num and rows != old.size(0):
+            self.uncond_embedding = nn.Parameter(old.new_empty(rows, old.size(1)), requires_grad=False)
+
+    def null_caption(self) -> torch.Tensor:
+        return self.uncond_embedding[:self.token_num]
 
     def forward(self, caption: torch.Tensor) -> torch.Tensor:
         return self.cap_proj(caption)
@@ -161,11 +190,24 @@ class Transformer(nn.Module):
         return self
 
     # -- condition ----------------------------------------------------------
+    def fit_checkpoint(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Shape the condition embedding like a checkpoint's (see LabelEmbedder, CaptionEmbedder)."""
+        key = "cls_embedding." + ("embedding_table.weight" if self.config.model_type == "c2i" else "uncond_embedding")
+        if key in shapes:
+            self.cls_embedding.fit_checkpoint(shapes[key][0])
+
+    @property
+    def supports_cfg(self) -> bool:
+        return self.config.model_type == "t2i" or self.cls_embedding.has_null_class
+
     def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
         """The CFG unconditional counterpart of a batch of conditions."""
         if self.config.model_type == "c2i":
+            if not self.supports_cfg:
+                raise ValueError("this c2i checkpoint has no null-class row (trained with class_dropout_prob=0), "
+                                 "so classifier-free guidance cannot run: set sampling cfg_scale to 1")
             return torch.full_like(cond, self.config.num_classes)
-        return self.cls_embedding.uncond_embedding.to(cond.dtype).expand_as(cond)
+        return self.cls_embedding.null_caption().to(cond.dtype).expand_as(cond)
 
     def embed_condition(self, cond: torch.Tensor) -> torch.Tensor:
         emb = self.cls_embedding(cond)

@@ -6,7 +6,8 @@
 See job.py for the stages, sink.py for the output layout, commit and resume.
 """
 from lineray.pipelines.config import JobConfig, JobConfigError, StageResources
-from lineray.pipelines.job import JobSummary, run_job
+from lineray.pipelines.job import run_job
+from lineray.pipelines.progress import JobSummary
 from lineray.pipelines.prompts import RowError, RowRules, image_seed
 from lineray.pipelines.sink import IMAGE_SCHEMA, Output
 from lineray.pipelines.sources import PromptSource, SourceError, iter_shards

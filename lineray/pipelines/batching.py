@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from lineray.cluster.local import available_memory  # noqa: F401 - batching.available_memory is patched in tests
 from lineray.pipelines.config import JobConfig, JobConfigError
 
 GiB = 2**30
 CPU_SHARE = 0.5  # of the node's available memory: decoders, PNG workers and Ray's object store need the rest
 GPU_SHARE = 0.9  # of a GPU's memory: the CUDA context and allocator fragmentation need the rest
-FALLBACK_BYTES = 4 * GiB  # available memory where the OS does not tell
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class BatchChoice:
 
 def resolve_batch_size(job: JobConfig) -> BatchChoice:
     """The job's batch size as a number, with the reason (see the module docstring for the rules)."""
-    from lineray.pipelines.job import cache_policy_name  # (job.py imports this module)
+    from lineray.pipelines.checks import cache_policy_name
 
     if job.batch_size != "auto" and job.memory_budget_gib is None:
         return BatchChoice(job.batch_size, "set in the job")
@@ -46,8 +46,8 @@ def resolve_batch_size(job: JobConfig) -> BatchChoice:
         raise JobConfigError(f"batch_size auto: not even 1 image fits {where}: the weights alone take "
                              f"{_gib(plan.weights_bytes)} GiB per rank, and each image "
                              f"{plan.bytes_per_image / 2**20:.1f} MiB; set a larger memory_budget_gib, or a larger tp")
-    capped = "; capped by max_batch_size" if fit > job.max_batch_size else ""
-    return BatchChoice(min(fit, job.max_batch_size), f"auto: {fit} fit {where} with {cache}{capped}")
+    capped = "; capped by max_batch_size" if fit > job.batch_cap else ""
+    return BatchChoice(min(fit, job.batch_cap), f"auto: {fit} fit {where} with {cache}{capped}")
 
 
 def job_memory_plan(job: JobConfig):
@@ -82,28 +82,6 @@ def budget_bytes(job: JobConfig) -> tuple[int, str]:
     budget = int(CPU_SHARE * free / ranks)
     shared = f" / {ranks} ranks" if ranks > 1 else ""
     return budget, f"{_gib(budget)} GiB ({CPU_SHARE:g} of the node's {_gib(free)} GiB available{shared})"
-
-
-def available_memory() -> int:
-    """Bytes this node (or this container, if its cgroup is tighter) can still allocate."""
-    try:
-        with open("/proc/meminfo") as f:  # MemAvailable counts reclaimable page cache; sysconf's free pages do not
-            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (AttributeError, ValueError, OSError):
-            return FALLBACK_BYTES
-    # A pod's memory limit (cgroup v2, then v1) is invisible in /proc/meminfo but is what OOM-kills it.
-    for limit, usage in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes",
-                                                            "memory/memory.usage_in_bytes")):
-        try:
-            with open(f"/sys/fs/cgroup/{limit}") as a, open(f"/sys/fs/cgroup/{usage}") as b:
-                free = min(free, int(a.read()) - int(b.read()))
-            break
-        except (OSError, ValueError):  # no such file, or "max" (no limit)
-            continue
-    return max(0, free)
 
 
 def _gib(n: int | float) -> str:

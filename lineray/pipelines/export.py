@@ -6,6 +6,7 @@ size (the contact sheet takes the first `--sheet` images in id order).
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import fsspec
@@ -15,7 +16,7 @@ from PIL import Image
 
 from lineray.images import contact_sheet
 
-COLUMNS = ["id", "image_index", "class", "image"]
+COLUMNS = ["id", "image_index", "label", "image"]
 
 
 def export_images(dataset: str, out: str | Path, *, limit: int | None = None, sheet: int = 100,
@@ -31,6 +32,7 @@ def export_images(dataset: str, out: str | Path, *, limit: int | None = None, sh
     for path in files:
         with fs.open(path, "rb") as f:
             table = pq.read_table(f, columns=COLUMNS)
+            names = class_names(table.schema)
         for row in table.to_pylist():
             if limit is not None and written >= limit:
                 break
@@ -38,7 +40,7 @@ def export_images(dataset: str, out: str | Path, *, limit: int | None = None, sh
             (out / f"{row['id']}_{row['image_index']}.png").write_bytes(data)
             written += 1
             if len(cells) < sheet:
-                label = row["class"] if row["class"] is not None else row["id"]
+                label = row["id"] if row["label"] is None else names.get(row["label"], row["label"])
                 cells.append((str(row["id"]), row["image_index"], str(label), data))
     if not cells:
         return written, None
@@ -47,6 +49,13 @@ def export_images(dataset: str, out: str | Path, *, limit: int | None = None, sh
     sheet_path = out / "contact_sheet.png"
     contact_sheet(images, [c[2] for c in cells]).save(sheet_path)
     return written, sheet_path
+
+
+def class_names(schema) -> dict[int, str]:
+    """label -> class name, from the Hugging Face ClassLabel in the schema metadata (empty if none)."""
+    meta = (schema.metadata or {}).get(b"huggingface")
+    feature = json.loads(meta).get("info", {}).get("features", {}).get("label", {}) if meta else {}
+    return dict(enumerate(feature.get("names", [])))
 
 
 def add_arguments(p) -> None:

@@ -33,13 +33,21 @@ class RowRules:
     default_cfg: float
     job_seed: int
     max_count: int
+    columns: tuple[tuple[str, str], ...] = ()  # (prompt field, the files' column name), from the job's `columns`
 
     @classmethod
     def for_job(cls, job) -> "RowRules":
         cfg = job.model.config()
         return cls(model_type=cfg.model_type, num_classes=cfg.num_classes, caption_tokens=cfg.cls_token_num,
                    caption_dim=cfg.caption_dim, has_text_encoder=job.text_encoder is not None,
-                   default_cfg=job.sampling.cfg_scale, job_seed=job.seed, max_count=job.max_count)
+                   default_cfg=job.sampling.cfg_scale, job_seed=job.seed, max_count=job.max_count,
+                   columns=tuple(sorted(job.columns.items())))
+
+    def rename(self, record: dict) -> dict:
+        """The row with the files' column names mapped to the prompt fields (the mapping wins over a same-named column)."""
+        if not self.columns:
+            return record
+        return {**record, **{field: record.get(column) for field, column in self.columns}}
 
 
 @dataclass
@@ -102,6 +110,8 @@ def parse_prompt(record: dict, rules: RowRules) -> Prompt:
     """Check one row against the rules; RowError says what is wrong."""
     if not isinstance(record, dict):
         raise RowError(f"row is a JSON {type(record).__name__}, not an object")
+    given = record
+    record = rules.rename(record)
     raw_id = record.get("id")
     if _missing(raw_id):
         raise RowError("missing id")
@@ -117,7 +127,7 @@ def parse_prompt(record: dict, rules: RowRules) -> Prompt:
     if rules.model_type == "c2i":
         value = record.get("class")
         if _missing(value):
-            raise RowError("missing class: this class-conditional model needs a class label")
+            raise RowError(f"missing class: this class-conditional model needs a class label{_hint(given, 'class')}")
         try:
             label = _whole(value, "class", 0, rules.num_classes)
         except RowError:
@@ -127,7 +137,7 @@ def parse_prompt(record: dict, rules: RowRules) -> Prompt:
         if not _missing(record.get("embedding")):
             embedding = parse_embedding(record["embedding"], rules)
         elif not text:
-            raise RowError("missing text or embedding: this text-conditional model needs one")
+            raise RowError(f"missing text or embedding: this text-conditional model needs one{_hint(given, 'text')}")
         elif not rules.has_text_encoder:
             raise RowError("text row but the job has no text encoder: set text_encoder (a local FLAN-T5 folder) "
                            "or give a precomputed embedding")
@@ -144,6 +154,12 @@ def parse_prompt(record: dict, rules: RowRules) -> Prompt:
             raise RowError(f"bad cfg {cfg_value if isinstance(cfg_value, str) else repr(cfg_value)}: the guidance scale must be a number >= 1")
     count = 1 if _missing(record.get("count")) else _whole(record["count"], "count", 1, rules.max_count + 1)
     return Prompt(pid, label, text, embedding, seed, cfg_scale, count)
+
+
+def _hint(record: dict, field: str) -> str:
+    """Where the row names its columns differently, say how to map them (columns: {class: class_label})."""
+    names = [str(k) for k in record][:8]
+    return f" (the row's columns: {', '.join(names)}; map one with columns: {{{field}: NAME}} / --column {field}=NAME)"
 
 
 def parse_embedding(value, rules: RowRules) -> np.ndarray:

@@ -4,38 +4,52 @@ Layout under the output URL:
 
     data/part-<shard>.parquet     one row per image (IMAGE_SCHEMA), Hugging Face Image column
     errors/part-<shard>.parquet   the shard's bad prompt rows (ERROR_SCHEMA), when it has any
-    _manifest/<shard>.json        the commit record: a shard is done iff this exists
+    _manifest/<shard>.json        the commit record: a shard is done iff this exists; it holds the
+                                  size and checksums of the shard's files
+    _inflight/<shard>.json        written before any file of the shard: proof that those names are ours
     _job.json                     the job's settings; a rerun must match them to resume
     _summary.json                 totals after the last run
-    _tmp/                         local filesystems only: files before their rename
+    _tmp/<32 hex>-<name>          local filesystems only: files before their rename
 
 Every file is written whole: on object stores with one PUT (S3 makes an object
 visible atomically, multipart uploads included), on local disks as a temp file
-renamed into place. The manifest entry is written last, so a crash leaves at most
-a data file without its entry; the rerun writes the same file again under the
-same name. Readers: `pyarrow.dataset.dataset(OUT + "/data")` or
+renamed into place. A shard's in-flight record comes first and its manifest entry
+last, so a crash leaves files that the in-flight record proves are this job's:
+the rerun deletes them and does the shard again.
+
+Ownership: the job deletes only files its manifest or in-flight records name, and
+its own temp names. An output without `_job.json` that holds anything is refused
+(`overwrite` clears it); files of others inside a lineray output are left alone.
+Readers: `pyarrow.dataset.dataset(OUT + "/data")` or
 `datasets.load_dataset("parquet", data_files=OUT + "/data/*.parquet")`.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import re
 import time
+from contextlib import suppress
 import uuid
 from dataclasses import dataclass, field
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from lineray.pipelines.storage import StorageError, open_fs, storage_errors
+
+TEMP_NAME = re.compile(r"^[0-9a-f]{32}-")  # _tmp/<uuid hex>-<final name>: what write_atomic leaves after a crash
+
 # What Hugging Face `datasets` reads from the schema metadata to type the columns
-# (the `image` struct of bytes + path becomes an Image feature).
+# (the `image` struct of bytes + path becomes an Image feature; `label` a ClassLabel where the model names
+# its classes).
 IMAGE_FEATURES = {
     "id": {"dtype": "string", "_type": "Value"},
     "image_index": {"dtype": "int32", "_type": "Value"},
-    "class": {"dtype": "int64", "_type": "Value"},
+    "label": {"dtype": "int64", "_type": "Value"},
     "text": {"dtype": "string", "_type": "Value"},
     "cfg_scale": {"dtype": "float32", "_type": "Value"},
     "count": {"dtype": "int32", "_type": "Value"},
@@ -46,12 +60,22 @@ IMAGE_FEATURES = {
     "height": {"dtype": "int32", "_type": "Value"},
     "image": {"_type": "Image"},
 }
-IMAGE_SCHEMA = pa.schema([
-    ("id", pa.string()), ("image_index", pa.int32()), ("class", pa.int64()), ("text", pa.string()),
-    ("cfg_scale", pa.float32()), ("count", pa.int32()), ("seed", pa.int64()), ("model", pa.string()),
-    ("cache_policy", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-    ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-], metadata={"huggingface": json.dumps({"info": {"features": IMAGE_FEATURES}})})
+
+
+def image_schema(class_names: list[str] | None = None) -> pa.Schema:
+    """The output's schema; with class names, `label` is a Hugging Face ClassLabel (names in the metadata)."""
+    features = dict(IMAGE_FEATURES)
+    if class_names:
+        features["label"] = {"names": list(class_names), "_type": "ClassLabel"}
+    return pa.schema([
+        ("id", pa.string()), ("image_index", pa.int32()), ("label", pa.int64()), ("text", pa.string()),
+        ("cfg_scale", pa.float32()), ("count", pa.int32()), ("seed", pa.int64()), ("model", pa.string()),
+        ("cache_policy", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+        ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+    ], metadata={"huggingface": json.dumps({"info": {"features": features}})})
+
+
+IMAGE_SCHEMA = image_schema()  # a model without class names (t2i, random weights)
 ERROR_SCHEMA = pa.schema([("file", pa.string()), ("row", pa.int64()), ("id", pa.string()),
                           ("reason", pa.string()), ("raw", pa.string())])
 
@@ -74,7 +98,7 @@ class Output:
     @property
     def fs(self):
         if self._fs is None:
-            self._fs, self._root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+            self._fs, self._root = open_fs(self.url, self.storage_options)
         return self._fs
 
     @property
@@ -98,9 +122,27 @@ class Output:
     def manifest_path(self, key: str) -> str:
         return self.path("_manifest", f"{key}.json")
 
+    def inflight_path(self, key: str) -> str:
+        return self.path("_inflight", f"{key}.json")
+
+    def errors(self, what: str = ""):
+        """`with out.errors(): ...`: storage exceptions become one-line StorageErrors naming this output."""
+        return storage_errors(self.url, self.storage_options, what)
+
     # -- writing ---------------------------------------------------------------------------
-    def write_atomic(self, path: str, data: bytes) -> None:
-        """Make `path` hold `data`, all or nothing."""
+    def write_atomic(self, path: str, data: bytes) -> dict:
+        """Make `path` hold `data`, all or nothing; returns what the manifest records of it (size, checksums)."""
+        with self.errors(self.relative(path)):
+            self._write(path, data)
+        meta = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        if not self.is_local:  # the store's own checksum (S3: the ETag), compared on resume without a download
+            with self.errors(self.relative(path)):
+                etag = _etag(self.fs.info(path))
+            if etag:
+                meta["etag"] = etag
+        return meta
+
+    def _write(self, path: str, data: bytes) -> None:
         if self.is_local:
             tmp = self.path("_tmp", f"{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}")
             self.fs.makedirs(self.path("_tmp"), exist_ok=True)
@@ -118,60 +160,145 @@ class Output:
 
     def read_json(self, path: str):
         try:
-            return json.loads(self.fs.cat_file(path))
+            with self.errors(self.relative(path)):
+                blob = self.fs.cat_file(path)
         except FileNotFoundError:
             return None
+        return self._parse_json(path, blob)
+
+    def _parse_json(self, path: str, blob: bytes):
+        try:
+            return json.loads(blob)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            state = "empty" if not blob.strip() else f"not valid JSON ({e})"
+            raise StorageError(f"{self.url}/{self.relative(path)} is {state}: a damaged lineray record; delete it "
+                               f"(its shard is then done again) or use another output") from None
 
     def relative(self, path: str) -> str:
-        return path[len(self.root) + 1:]
+        return path[len(self.root) + 1:] if path.startswith(self.root + "/") else path
 
-    def write_errors(self, key: str, errors: list[dict]) -> None:
-        self.write_atomic(self.errors_path(key), table_bytes(pa.Table.from_pylist(errors, schema=ERROR_SCHEMA)))
+    def begin_shard(self, key: str) -> None:
+        """Record that this job is about to write the shard's files (before the first of them)."""
+        self.write_json(self.inflight_path(key), {"shard": key, "started_at": time.time(),
+                                                  "files": [self.relative(self.data_path(key)),
+                                                            self.relative(self.errors_path(key))]})
 
-    def commit_shard(self, key: str, entry: dict, images: pa.Table | None = None) -> dict:
-        """Write the shard's image file, then its manifest entry (the commit).
+    def write_errors(self, key: str, errors: list[dict]) -> dict:
+        """The shard's bad rows (the caller has begun the shard); returns the file's size and checksums."""
+        return self.write_atomic(self.errors_path(key),
+                                 table_bytes(pa.Table.from_pylist(errors, schema=ERROR_SCHEMA)))
+
+    def commit_shard(self, key: str, entry: dict, images: pa.Table | None = None,
+                     errors_meta: dict | None = None) -> dict:
+        """Write the shard's image file, then its manifest entry (the commit), then drop its in-flight record.
 
         entry: file, first_row, rows, images, errors. A shard with errors has had its
-        errors file written before (by the reader, which knows the bad rows).
+        errors file written before (by the reader, which knows the bad rows); errors_meta
+        is what write_errors returned.
         """
-        entry = dict(entry, shard=key, committed_at=time.time(), data=None, errors_file=None)
+        entry = dict(entry, shard=key, committed_at=time.time(), data=None, errors_file=None, files={})
         if images is not None and images.num_rows:
-            self.write_atomic(self.data_path(key), table_bytes(images))
             entry["data"] = self.relative(self.data_path(key))
+            entry["files"][entry["data"]] = self.write_atomic(self.data_path(key), table_bytes(images))
         if entry.get("errors"):
             entry["errors_file"] = self.relative(self.errors_path(key))
+            if errors_meta:
+                entry["files"][entry["errors_file"]] = errors_meta
         self.write_json(self.manifest_path(key), entry)
+        with self.errors(), suppress(FileNotFoundError):
+            self.fs.rm_file(self.inflight_path(key))
         return entry
 
     # -- reading -----------------------------------------------------------------------------
     def committed(self) -> dict[str, dict]:
-        """Manifest entries by shard key."""
-        folder = self.path("_manifest")
-        try:
-            paths = [p for p in self.fs.ls(folder, detail=False) if p.endswith(".json")]
-        except FileNotFoundError:
-            return {}
+        """Manifest entries by shard key (a damaged entry is a StorageError naming its file)."""
+        paths = self._ls("_manifest", ".json")
         if not paths:
             return {}
-        blobs = self.fs.cat(paths)  # fetched concurrently on object stores
-        return {p.rsplit("/", 1)[-1][:-5]: json.loads(b) for p, b in blobs.items()}
+        with self.errors("_manifest"):
+            blobs = self.fs.cat(paths)  # fetched concurrently on object stores
+        return {p.rsplit("/", 1)[-1][:-5]: self._parse_json(p, b) for p, b in blobs.items()}
 
-    def clean(self, committed: dict[str, dict]) -> int:
-        """Remove what a crashed run left behind: temp files and files of uncommitted shards."""
-        removed = 0
-        if self.is_local and self.fs.exists(self.path("_tmp")):
-            self.fs.rm(self.path("_tmp"), recursive=True)
-        for sub in ("data", "errors"):
-            try:
-                paths = self.fs.ls(self.path(sub), detail=False)
-            except FileNotFoundError:
-                continue
-            for p in paths:
-                name = p.rsplit("/", 1)[-1]
-                if name.startswith("part-") and name.endswith(".parquet") and name[5:-8] not in committed:
-                    self.fs.rm(p)
-                    removed += 1
-        return removed
+    def _ls(self, folder: str, suffix: str = "") -> list[str]:
+        try:
+            with self.errors(folder):
+                self.fs.invalidate_cache(self.path(folder))  # s3fs caches listings; commits happen elsewhere
+                paths = self.fs.ls(self.path(folder), detail=False)
+        except FileNotFoundError:
+            return []
+        return [p for p in paths if p.endswith(suffix)]
+
+    def inventory(self) -> dict[str, dict]:
+        """Every file under the output: relative path -> fsspec info (size, ETag on S3)."""
+        try:
+            with self.errors():
+                self.fs.invalidate_cache(self.root)
+                found = self.fs.find(self.root, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {self.relative(p): info for p, info in found.items() if info.get("type", "file") == "file"}
+
+    def check_committed(self, committed: dict[str, dict], verify: bool = False,
+                        inventory: dict[str, dict] | None = None) -> dict[str, str]:
+        """Shards whose committed files are missing or damaged -> what is wrong.
+
+        The size (and the store's ETag where both are known) comes from one listing; with
+        `verify` every file is read back and its SHA-256 compared too.
+        """
+        inventory = self.inventory() if inventory is None else inventory
+        damaged = {}
+        for key, entry in committed.items():
+            for name, meta in (entry.get("files") or {}).items():
+                info = inventory.get(name)
+                if info is None:
+                    damaged[key] = f"{name} is missing"
+                elif info.get("size") != meta["size"]:
+                    damaged[key] = f"{name} has size {info.get('size')}, the manifest says {meta['size']}"
+                elif meta.get("etag") and _etag(info) and _etag(info) != meta["etag"]:
+                    damaged[key] = f"{name} has ETag {_etag(info)}, the manifest says {meta['etag']}"
+                elif verify:
+                    with self.errors(name):
+                        digest = hashlib.sha256(self.fs.cat_file(self.path(name))).hexdigest()
+                    if digest != meta["sha256"]:
+                        damaged[key] = f"{name} has SHA-256 {digest[:12]}..., the manifest says {meta['sha256'][:12]}..."
+                if key in damaged:
+                    break
+        return damaged
+
+    def forget_shard(self, key: str) -> None:
+        """Undo a commit (a damaged shard): its files are ours (the manifest says so), so they go; the shard is redone."""
+        self.begin_shard(key)  # a crash from here on leaves files the in-flight record proves are ours
+        for path in (self.manifest_path(key), self.data_path(key), self.errors_path(key)):
+            with self.errors(), suppress(FileNotFoundError):
+                self.fs.rm_file(path)
+
+    def clean(self, committed: dict[str, dict], inventory: dict[str, dict] | None = None) -> list[str]:
+        """Remove what a crashed run of this job left: its temp files and the files of shards it began but did
+        not commit. Returns the files under data/ and errors/ that are not this job's (left alone)."""
+        inventory = self.inventory() if inventory is None else inventory
+        for name in inventory:
+            folder, _, base = name.partition("/")
+            if folder == "_tmp" and TEMP_NAME.match(base) and self.is_local:
+                self.fs.rm_file(self.path(name))
+        begun = set()
+        for name in inventory:
+            if name.startswith("_inflight/") and name.endswith(".json"):
+                key = name[len("_inflight/"):-5]
+                begun.add(key)
+                if key not in committed:
+                    for path in (self.data_path(key), self.errors_path(key)):
+                        with self.errors(), suppress(FileNotFoundError):
+                            self.fs.rm_file(path)
+                with self.errors(), suppress(FileNotFoundError):
+                    self.fs.rm_file(self.path(name))
+        owned = {n for e in committed.values() for n in (e.get("data"), e.get("errors_file")) if n}
+        owned |= {self.relative(p(k)) for k in begun for p in (self.data_path, self.errors_path)}
+        return sorted(n for n in inventory if n.split("/", 1)[0] in ("data", "errors") and n not in owned)
+
+
+def _etag(info: dict) -> str | None:
+    etag = info.get("ETag") or info.get("etag")
+    return etag.strip('"') if isinstance(etag, str) else None
 
 
 def table_bytes(table: pa.Table) -> bytes:
@@ -180,13 +307,13 @@ def table_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def image_table(rows: list[dict], model: str, cache_policy: str) -> pa.Table:
+def image_table(rows: list[dict], model: str, cache_policy: str, schema: pa.Schema = IMAGE_SCHEMA) -> pa.Table:
     """Output rows (from the PNG stage, in any order) -> the shard's table, sorted by (row, image)."""
     rows = sorted(rows, key=lambda r: (r["row"], r["image_index"]))
     return pa.table({
         "id": [r["id"] for r in rows],
         "image_index": [r["image_index"] for r in rows],
-        "class": [None if r["label"] < 0 else r["label"] for r in rows],
+        "label": [None if r["label"] < 0 else r["label"] for r in rows],
         "text": [r["text"] or None for r in rows],
         "cfg_scale": [r["cfg_scale"] for r in rows],
         "count": [r["count"] for r in rows],
@@ -196,7 +323,7 @@ def image_table(rows: list[dict], model: str, cache_policy: str) -> pa.Table:
         "width": [r["width"] for r in rows],
         "height": [r["height"] for r in rows],
         "image": [{"bytes": r["png"], "path": f"{r['id']}-{r['image_index']}.png"} for r in rows],
-    }, schema=IMAGE_SCHEMA)
+    }, schema=schema)
 
 
 class ShardSink:
@@ -207,8 +334,10 @@ class ShardSink:
     already committed are dropped. That makes the commit exactly-once.
     """
 
-    def __init__(self, out: Output, model: str, cache_policy: str, committed: set[str]):
+    def __init__(self, out: Output, model: str, cache_policy: str, committed: set[str],
+                 class_names: list[str] | None = None):
         self.out, self.model, self.cache_policy = out, model, cache_policy
+        self.schema = image_schema(class_names)
         self.committed = set(committed)
         self.pending: dict[str, dict[tuple[int, int], dict]] = {}
 
@@ -229,7 +358,9 @@ class ShardSink:
         rows = list(self.pending.pop(key).values())
         entry = {"file": last["file"], "first_row": last["first_row"], "rows": last["shard_rows"],
                  "images": len(rows), "errors": last["shard_errors"]}
-        entry = self.out.commit_shard(key, entry, image_table(rows, self.model, self.cache_policy))
+        errors_meta = json.loads(last["shard_errors_meta"]) if last.get("shard_errors_meta") else None
+        entry = self.out.commit_shard(key, entry, image_table(rows, self.model, self.cache_policy, self.schema),
+                                      errors_meta)
         self.committed.add(key)
         return entry
 

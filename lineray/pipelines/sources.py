@@ -25,6 +25,7 @@ import fsspec
 import numpy as np
 
 from lineray.pipelines.prompts import IdSet, RowError, RowRules, parse_prompt
+from lineray.pipelines.storage import open_fs, storage_errors
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED_PROMPTS = ASSETS / "prompts" / "sample_prompts.jsonl"
@@ -63,12 +64,16 @@ class PromptSource:
         return str(BUNDLED_PROMPTS) if self.url == "bundled" else self.url
 
     def filesystem(self):
-        fs, _ = fsspec.core.url_to_fs(self.resolved_url, **self.storage_options)
+        fs, _ = open_fs(self.resolved_url, self.storage_options)
         return fs
 
     def files(self) -> list[str]:
         """The prompt files in a fixed order (sorted paths, as the filesystem names them)."""
-        fs, root = fsspec.core.url_to_fs(self.resolved_url, **self.storage_options)
+        with storage_errors(self.url, self.storage_options):
+            return self._files()
+
+    def _files(self) -> list[str]:
+        fs, root = open_fs(self.resolved_url, self.storage_options)
         if _is_glob(root):
             paths = fs.glob(root)
         elif fs.isdir(root):
@@ -112,6 +117,10 @@ class PromptSource:
 
         For JSONL/CSV this is an upper bound on the last row number (blank lines and
         quoted newlines count), which is what shard planning and progress need."""
+        with storage_errors(self.url, self.storage_options):
+            return self._count_rows()
+
+    def _count_rows(self) -> dict[str, int]:
         fs = self.filesystem()
         counts = {}
         for path in self.files():

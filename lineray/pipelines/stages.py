@@ -15,23 +15,52 @@ import torch
 from lineray.images import png_bytes, to_uint8
 from lineray.models.generate import Condition
 from lineray.models.spec import ModelSpec
+from lineray.pipelines.monitor import stage_report
 from lineray.workers.replica import ReplicaConfig, make_replica
 
 
-class GenerateStage:
+class _Reported:
+    """Tells the job's monitor (pipelines.monitor) when a batch goes in and out of this stage."""
+    stage = ""
+    monitor = None
+
+    def _begin(self, n: int) -> None:
+        if self.monitor is not None:
+            self.monitor.batch_started.remote(self.stage, n)
+
+    def _end(self, n: int) -> None:
+        if self.monitor is not None:
+            self.monitor.batch_done.remote(self.stage, n)
+
+
+class GenerateStage(_Reported):
     """One model replica. tp=1: the model lives in this actor. tp>1: this actor only
     coordinates; the TPReplica reserves a placement group for its ranks here, in the
     constructor, so the group lives and dies with this actor (Ray Data's
     ray_remote_args_fn would create and leak groups)."""
 
-    def __init__(self, cfg: ReplicaConfig):
+    stage = "generate"
+
+    def __init__(self, cfg: ReplicaConfig, monitor=None):
         self.replica = make_replica(cfg)
         self.sampling = cfg.sampling
         self.model_cfg = cfg.model.config()
+        self.monitor = monitor
+        self.group = None
+        stage_report(monitor, self.stage)
+        self._report_group()
+
+    def _report_group(self) -> None:
+        """A tp>1 replica's placement group (new after a rebuild): the driver removes what is left after the job."""
+        group = getattr(self.replica, "placement_group_id", None)
+        if group and group != self.group and self.monitor is not None:
+            self.monitor.replica_group.remote(group)
+        self.group = group
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
         n = len(batch["seed"])
+        self._begin(n)
         tokens = np.empty((n, self.model_cfg.image_tokens), dtype=np.int32)
         scales = np.asarray(batch["cfg_scale"], dtype=np.float64)
         for scale in np.unique(scales):  # one call per guidance scale in the batch (usually one)
@@ -42,6 +71,8 @@ class GenerateStage:
         out = {k: v for k, v in batch.items() if k not in ("embedding", "embedding_tokens")}
         out["tokens"] = tokens
         out["generate_s"] = np.full(n, (time.perf_counter() - start) / n)  # for progress: generator busy time
+        self._end(n)
+        self._report_group()
         return out
 
     def condition(self, batch: dict[str, np.ndarray], idx: np.ndarray) -> Condition:
@@ -64,20 +95,25 @@ class GenerateStage:
             replica.shutdown()
 
 
-class DecodeStage:
-    """Image tokens -> uint8 pixels [B, H, W, 3] with the model's VQ decoder."""
+class DecodeStage(_Reported):
+    """Image tokens -> uint8 pixels [B, H, W, 3] with the model's VQ decoder, on the GPU when the plan gave it one."""
+    stage = "decode"
 
-    def __init__(self, model: ModelSpec, device: str = "cpu"):
+    def __init__(self, model: ModelSpec, device: str = "cpu", monitor=None):
         self.decoder = model.build_decoder(device=device)
         self.grid = model.config().grid_size
         self.device = device
+        self.monitor = monitor
+        stage_report(monitor, self.stage)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._begin(len(batch["tokens"]))
         codes = torch.from_numpy(np.asarray(batch["tokens"], dtype=np.int64)).view(-1, self.grid, self.grid)
         with torch.inference_mode():
             pixels = to_uint8(self.decoder.decode_codes(codes.to(self.device)))
         out = {k: v for k, v in batch.items() if k != "tokens"}
         out["pixels"] = pixels
+        self._end(len(pixels))
         return out
 
 

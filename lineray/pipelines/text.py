@@ -55,12 +55,28 @@ def object_array(items: list) -> np.ndarray:
 class TextEncodeStage:
     """Ray Data stage: fill `embedding` for rows that have only `text`."""
 
-    def __init__(self, path: str, max_tokens: int, caption_dim: int, device: str = "cpu"):
-        self.encoder = T5TextEncoder(path, max_tokens=max_tokens, device=device)
+    def __init__(self, path: str, max_tokens: int, caption_dim: int, device: str = "cpu", monitor=None):
+        from lineray.pipelines.monitor import stage_report
+
+        # On a GPU (the plan gives the stage a share when the cluster has GPUs) in bf16: T5-XL's encoder on CPU
+        # would feed a GPU generator a few captions a second.
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        self.encoder = T5TextEncoder(path, max_tokens=max_tokens, device=device, dtype=dtype)
+        self.monitor = monitor
+        stage_report(monitor, "text")
         if self.encoder.dim != caption_dim:
             raise ValueError(f"text encoder {path} gives {self.encoder.dim}-dim features; the model needs {caption_dim}")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["embedding_tokens"])
+        if self.monitor is not None:
+            self.monitor.batch_started.remote("text", n)
+        out = self._encode(batch)
+        if self.monitor is not None:
+            self.monitor.batch_done.remote("text", n)
+        return out
+
+    def _encode(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tokens = np.array(batch["embedding_tokens"], dtype=np.int32)
         todo = np.flatnonzero(tokens == 0)
         if len(todo) == 0:

@@ -239,21 +239,21 @@ def plot_quality(rows: list[EvalRow], path: Path, title: str) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("outputs/eval"), help="directory for table, CSV and PNGs")
     p.add_argument("--samples", type=int, default=1000, help="generated images per row (classes cycle 0-9)")
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    p.add_argument("--batch-size", type=int, default=500, help="images generated together")
+    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES), help="cache policies to compare")
     p.add_argument("--budgets", nargs="+", default=list(BUDGETS), help="fractions of the image lines, e.g. 1/4")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i")
     p.add_argument("--heldout", type=int, default=None,
                    help="teacher-force only the first N of the 360 held-out digits (default: all)")
     p.add_argument("--cfg-scale", type=float, default=None, help="default: the model's tuned setting")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="default: the model's tuned setting")
+    p.add_argument("--top-k", type=int, default=None, help="default: the model's tuned setting")
+    p.add_argument("--top-p", type=float, default=None, help="default: the model's tuned setting")
     p.add_argument("--model-dir", type=Path, default=None,
                    help="a training output directory (default: the bundled model)")
     p.add_argument("--judge", type=Path, default=None, help="judge.safetensors (default: the bundled judge)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def sampling_from_args(args, base: SamplingConfig) -> SamplingConfig:
