@@ -14,12 +14,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "lineray"
 
-# Cycles in rooms whose owners are removing them on their own branches this session. The lead
-# empties this list after merging those branches; an entry that no longer occurs fails the test.
-KNOWN_CYCLES: list[set[str]] = [
-    {"lineray.workers.replica", "lineray.workers.tp_replica", "lineray.workers.worker"},  # issue-16-gpu
-]
-
 # floor -> the lineray floors it may import (top-level leaf modules such as validation.py are open to all)
 FLOORS = {
     "kernels": set(),
@@ -128,10 +122,7 @@ def test_the_graph_sees_every_kind_of_import():
 
 def test_no_import_cycles():
     found = cycles(import_graph())
-    new = [sorted(c) for c in found if c not in KNOWN_CYCLES]
-    assert not new, f"import cycles: {new}"
-    gone = [sorted(c) for c in KNOWN_CYCLES if c not in found]
-    assert not gone, f"these cycles are fixed: remove them from KNOWN_CYCLES: {gone}"
+    assert not found, f"import cycles: {[sorted(c) for c in found]}"
 
 
 @pytest.mark.parametrize("room", sorted(FLOORS))
