@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,14 +63,14 @@ def test_resume_after_killing_the_driver(ray_session, s3, tmp_path):
     # Nothing of the killed Ray may linger (its processes name its temp dir).
     temp = re.search(r"(/tmp/lineray-ray-[A-Za-z0-9_]+)", log.read_text())
     assert temp, f"the driver log does not name its Ray's temp dir:\n{log.read_text()[-2000:]}"
-    if temp:
-        deadline = time.time() + 30
-        while _processes_under(temp.group(1)) and time.time() < deadline:
-            time.sleep(0.5)
-        left = _processes_under(temp.group(1))
-        for pid in left:  # clean up what the assertion below reports
-            os.kill(pid, signal.SIGKILL)
-        assert not left, f"processes of the killed job's Ray survived: {left}"
+    deadline = time.time() + 30
+    while _processes_under(temp.group(1)) and time.time() < deadline:
+        time.sleep(0.5)
+    left = _processes_under(temp.group(1))
+    for pid in left:  # clean up what the assertion below reports
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(temp.group(1), ignore_errors=True)  # a SIGKILLed driver cannot remove its Ray's temp dir
+    assert not left, f"processes of the killed job's Ray survived: {left}"
 
     # Resume with another batch size (the killed run had auto = 4): the images do not depend on it.
     summary = run_job(JobConfig.from_dict(job | {"batch_size": 3}), progress=False)

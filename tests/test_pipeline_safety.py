@@ -165,6 +165,20 @@ def test_the_plan_counts_every_stage_adapts_and_refuses_with_numbers():
     plan = plan_job(gpu, ClusterShape.single(cpus=32, gpus=8))
     assert plan.replicas == 8 and plan.decode_device == "cuda"
     assert 8 * plan.generate_gpus + 2 * plan.decode_gpus <= 8 and plan.generate_gpus + plan.decode_gpus <= 1
+    t2i = plan_job(gpu, ClusterShape.single(cpus=32, gpus=8), text_stage=True)  # T5 on a GPU share too
+    assert t2i.text_device == "cuda" and t2i.generate_gpus + max(t2i.decode_gpus, t2i.text_gpus) <= 1
+    # tp=2 ranks hold whole GPUs in their placement groups: with none left, the decoders run on CPU.
+    ranks = plan_job(gpu.replace(tp=2, replicas=4), ClusterShape.single(cpus=32, gpus=8))
+    assert ranks.replicas == 4 and ranks.decode_device == "cpu" and "decoders on CPU" in ranks.line()
+    with pytest.raises(PlanError, match="has no GPU"):
+        plan_job(gpu, ClusterShape.single(cpus=32))
+
+
+def test_a_private_rays_object_store_is_sized_from_the_machine():
+    from lineray.cluster.local import MIN_STORE_MB, available_memory, object_store_mb_for_machine
+
+    mb = object_store_mb_for_machine()
+    assert MIN_STORE_MB <= mb and (mb == MIN_STORE_MB or mb * 2**20 <= 0.2 * available_memory() + 2**20)
 
 
 def test_a_two_cpu_private_ray_with_two_replicas_finishes(tmp_path):

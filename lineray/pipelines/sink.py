@@ -137,6 +137,7 @@ class Output:
         meta = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         if not self.is_local:  # the store's own checksum (S3: the ETag), compared on resume without a download
             with self.errors(self.relative(path)):
+                self.fs.invalidate_cache(path)  # the object just written, not a cached listing of the old one
                 etag = _etag(self.fs.info(path))
             if etag:
                 meta["etag"] = etag
