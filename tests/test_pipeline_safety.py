@@ -2,13 +2,11 @@
 a file it cannot read, hang on a resource plan, answer a storage mistake with a traceback, leave temp folders."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
 import sys
 import textwrap
-from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq

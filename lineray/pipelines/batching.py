@@ -7,7 +7,6 @@ the GPU's total memory on a CUDA job.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from lineray.cluster.local import available_memory  # noqa: F401 - batching.available_memory is patched in tests

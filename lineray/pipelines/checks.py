@@ -7,7 +7,6 @@ single file is written.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 from lineray.pipelines.config import JobConfig, JobConfigError
 from lineray.pipelines.prompts import RowRules
@@ -16,12 +15,7 @@ from lineray.pipelines.sources import PromptSource, iter_shards
 
 
 def model_name(job: JobConfig) -> str:
-    m = job.model
-    if m.is_bundled:
-        return f"{m.preset} (bundled)"
-    if m.checkpoint is None:
-        return f"{m.preset} (random weights, seed {m.seed})"
-    return f"{m.preset} ({Path(m.checkpoint).name})"
+    return job.model.name
 
 
 def class_names(job: JobConfig) -> list[str] | None:
