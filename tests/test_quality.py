@@ -71,11 +71,17 @@ def test_eval_end_to_end_on_bundled_model(tmp_path):
     add_arguments(parser)
     args = parser.parse_args(["--out", str(tmp_path), "--samples", "20", "--policies", "linear", "window",
                               "--budgets", "1/4", "--no-progress"])
-    rows = evaluate(samples=args.samples, policies=args.policies, budgets=args.budgets, heldout=60,
-                    out_dir=args.out, progress=False)
-    full, linear, window = rows
-    assert (full.policy, linear.policy, window.policy) == ("full", "linear", "window")
+    assert args.bundle == "digits"  # the default model
+    rows = evaluate(bundle=args.bundle, samples=args.samples, policies=args.policies, budgets=args.budgets,
+                    heldout=60, out_dir=args.out, progress=False)
+    full, other_seeds, linear, window = rows
+    assert [r.policy for r in rows] == ["full", "full", "linear", "window"]
+    assert [r.seeds for r in rows] == ["A", "B", "A", "A"]
     assert full.kl_vs_full == 0 and full.top1_vs_full == 1 and full.token_agreement == 1
+    # The second seed set: same teacher-forced numbers, other samples (the run-to-run spread).
+    assert other_seeds.heldout_nll == full.heldout_nll and other_seeds.kl_vs_full == 0
+    assert math.isnan(other_seeds.token_agreement) and other_seeds.frechet_distance != full.frechet_distance
+    assert all(math.isnan(r.copy_iou) for r in rows)  # digits have no copy structure
     assert linear.kv_lines == window.kv_lines == 4
     for r in rows:
         assert 0.0 < r.heldout_nll < math.log(16)  # a trained model beats uniform guessing
@@ -85,5 +91,37 @@ def test_eval_end_to_end_on_bundled_model(tmp_path):
     for name in ("quality.md", "quality.csv", "quality_vs_budget.png", "samples_linear.png", "samples_window.png"):
         assert (tmp_path / name).stat().st_size > 0
     with open(tmp_path / "quality.csv") as f:
-        assert [r["policy"] for r in csv.DictReader(f)] == ["full", "linear", "window"]
-    assert "| full | 1 | 16 |" in (tmp_path / "quality.md").read_text()
+        assert [r["policy"] for r in csv.DictReader(f)] == ["full", "full", "linear", "window"]
+    table = (tmp_path / "quality.md").read_text()
+    assert "| full | 1 | 16 | A |" in table and "| full | 1 | 16 | B |" in table
+    assert "copy IoU" not in table and "model digits" in table
+
+
+@pytest.mark.timeout(300)
+def test_eval_runs_on_a_tiny_shapes_model(tmp_path):
+    """`lineray eval --model shapes-24 --model-dir DIR` end to end, on a 2-step model and judge (24x24 tokens)."""
+    from lineray.kernels.sampling import SamplingConfig
+    from lineray.models.patch_tokenizer import PatchTokenizer
+    from lineray.models.shapes.data import make_scenes
+    from lineray.models.shapes.judge import train_judge
+    from lineray.models.shapes.train import TrainConfig, train
+    PatchTokenizer.fit(make_scenes(40, seed=3).images, 16, patch=4, max_patches=10_000).save(tmp_path / "tok.safetensors")
+    train(TrainConfig(out=tmp_path / "gpt", steps=2, batch_size=2, warmup_steps=1, eval_every=2, heldout=4,
+                      autocast="off", threads=1, codebook_size=16, model_overrides={"n_layer": 1, "dim": 32, "n_head": 2},
+                      tokenizer=tmp_path / "tok.safetensors"))
+    train_judge(tmp_path / "judge", steps=2, batch_size=8)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", "shapes-24", "--model-dir", str(tmp_path / "gpt")])
+    rows = evaluate(args.model_dir, bundle=args.bundle, judge=tmp_path / "judge" / "judge.safetensors", samples=4,
+                    batch_size=4, sampling=SamplingConfig(cfg_scale=2.0), policies=["linear", "window"],
+                    budgets=["1/6"], heldout=4, out_dir=tmp_path / "eval", progress=False)
+    assert [(r.policy, r.kv_lines, r.seeds) for r in rows] == [("full", 24, "A"), ("full", 24, "B"),
+                                                               ("linear", 4, "A"), ("window", 4, "A")]
+    for r in rows:
+        assert 0.0 <= r.copy_iou <= 1.0 and r.heldout_nll > 0 and r.frechet_distance >= 0
+    assert rows[0].kl_vs_full == 0 and rows[2].kl_vs_full > 0
+    table = (tmp_path / "eval" / "quality.md").read_text()
+    assert "copy IoU" in table and "model shapes-24" in table and "| window | 1/6 | 4 | A |" in table
+    for name in ("quality_vs_budget.png", "samples_full.png", "samples_linear.png"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0
