@@ -1,6 +1,7 @@
 """Quality metrics on hand-built cases, and `lineray eval` end to end on the bundled model (small)."""
 import argparse
 import csv
+import json
 import math
 
 import pytest
@@ -125,3 +126,37 @@ def test_eval_runs_on_a_tiny_shapes_model(tmp_path):
     assert "copy IoU" in table and "model shapes-24" in table and "| window | 1/6 | 4 | A |" in table
     for name in ("quality_vs_budget.png", "samples_full.png", "samples_linear.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
+
+    # Sampling tuning writes its choice into gpt.json; the kept-token census runs on the same model.
+    from lineray.quality import keeps, tune
+    judge_file = str(tmp_path / "judge" / "judge.safetensors")
+    assert tune.main(["--model", "shapes-24", "--model-dir", str(tmp_path / "gpt"), "--judge", judge_file,
+                      "--samples", "2", "--shipped", "--write"]) == 0
+    record = json.loads((tmp_path / "gpt" / "gpt.json").read_text())
+    assert record["sampling"]["cfg_scale"] == 4.0 and len(record["sampling_tuning"]["results"]) == 1
+    assert keeps.main(["--model-dir", str(tmp_path / "gpt"), "--samples", "2", "--budgets", "1/6",
+                       "--policies", "linear", "window", "--out", str(tmp_path / "keeps")]) == 0
+    assert (tmp_path / "keeps" / "keeps_1-6.png").stat().st_size > 0
+
+
+def test_kept_token_census_counts_exactly_what_the_cache_holds(make_tiny):
+    """window keeps the last B lines: with B = 16 lines the line 16 back is still there after every line end
+    (recall 1), with B = 15 it never is (recall 0); LineAR keeps some of it."""
+    from lineray.cache import CacheSpec
+    from lineray.kernels.sampling import SamplingConfig
+    from lineray.quality.keeps import held_masks, needed_ink_recall
+    model = make_tiny(grid=24)
+    labels, seeds, ends = torch.tensor([1, 2, 3]), [0, 1, 2], [15, 17, 20]
+    sampling = SamplingConfig(cfg_scale=2.0)
+    for lines, expected in ((16, 1.0), (15, 0.0)):
+        tokens, held = held_masks(model, CacheSpec("window", lines=lines), labels, seeds, sampling, ends)
+        assert held.shape == (3, model.config.n_layer, 3, 576)
+        assert torch.all(held.sum(-1) == lines * 24)  # every head of every layer holds B lines of cells
+        recall = needed_ink_recall(tokens, held, ends, 24)
+        assert torch.all(recall == expected), recall
+    tokens, held = held_masks(model, CacheSpec("linear", lines=4), labels, seeds, sampling, ends)
+    for k, e in enumerate(ends):
+        assert torch.all(held[k, :, :, e * 24:(e + 1) * 24] == 1)  # R = 1: the newest line is always held
+    recall = needed_ink_recall(tokens, held, ends, 24)
+    assert torch.all((recall >= 0) & (recall <= 1))
+    assert torch.all(held.sum(-1) == 4 * 24)

@@ -62,6 +62,19 @@ def cache_rows(policies=POLICIES, budgets=BUDGETS) -> list[tuple[str, CacheSpec]
     return rows
 
 
+def load_model(bundle: str = "digits", model_dir: str | Path | None = None):
+    """(GPT in eval mode, tokenizer, sampling settings) of a bundled model, or of a training output
+    directory of that bundle's trainer (gpt.json, gpt.safetensors, tokenizer.safetensors)."""
+    from lineray.models.bundles import bundle_module
+    from lineray.models.checkpoint import load_checkpoint
+    from lineray.models.llamagen import Transformer
+    b = bundle_module(bundle)
+    d = Path(model_dir) if model_dir is not None else b.ASSET_DIR
+    model = Transformer(b.model_config(d / b.GPT_JSON))
+    load_checkpoint(model, d / b.GPT_FILE)
+    return model.eval(), b.PatchTokenizer.load(d / b.TOKENIZER_FILE), b.model_sampling(d / b.GPT_JSON)
+
+
 @dataclass
 class Bench:
     """The model under test, its tokenizer, the judge and the real data they are compared with."""
@@ -82,17 +95,12 @@ class Bench:
         trainer (gpt.json, gpt.safetensors, tokenizer.safetensors). heldout: use only the first N
         held-out images (quick runs)."""
         from lineray.models.bundles import bundle_module
-        from lineray.models.checkpoint import load_checkpoint
-        from lineray.models.llamagen import Transformer
         b = bundle_module(bundle)
-        d = Path(model_dir) if model_dir is not None else b.ASSET_DIR
-        model = Transformer(b.model_config(d / b.GPT_JSON))
-        load_checkpoint(model, d / b.GPT_FILE)
-        tokenizer = b.PatchTokenizer.load(d / b.TOKENIZER_FILE)
+        model, tokenizer, sampling = load_model(bundle, model_dir)
         judge_model = b.load_bundled_judge(judge or b.BUNDLED_JUDGE)
         held_images, held_labels = b.heldout_images(heldout)
         _, real_features = judge_model.predict(b.reference_images())
-        return cls(bundle, model.eval(), tokenizer, judge_model, b.model_sampling(d / b.GPT_JSON), held_labels,
+        return cls(bundle, model, tokenizer, judge_model, sampling, held_labels,
                    tokenizer.encode(held_images).flatten(1), real_features, getattr(b, "copy_iou", None))
 
 
