@@ -156,8 +156,13 @@ def test_training_runs_writes_a_loadable_model_and_resumes_exactly(tmp_path, tok
     a = load_file(str(tmp_path / "straight" / shapes.GPT_FILE))
     b = load_file(str(tmp_path / "resumed" / shapes.GPT_FILE))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    # A finished run started again does nothing and reports what it recorded.
+    # A finished run started again does nothing and reports what it recorded; with more steps it trains on.
     assert train(_tiny(tmp_path / "resumed", tokenizer))["steps"] == 4
+    more = _tiny(tmp_path / "resumed", tokenizer)
+    more.steps = 6
+    assert train(more)["steps"] == 6
+    c = load_file(str(tmp_path / "resumed" / shapes.GPT_FILE))
+    assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path, tokenizer):

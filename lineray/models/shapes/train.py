@@ -59,7 +59,7 @@ class TrainConfig:
         return GPTConfig(**{**PRESET, "vocab_size": self.codebook_size, **self.model_overrides})
 
     def fingerprint(self) -> dict:
-        """The settings a resumed run must share with the run it continues."""
+        """The settings a resumed run must share with the run it continues (all but `steps`, which may grow)."""
         return {"seed": self.seed, "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
                 "warmup_steps": self.warmup_steps, "label_dropout": self.label_dropout,
                 "model": self.model_config().to_dict()}
@@ -97,10 +97,15 @@ def save_state(path: Path, model, opt, step: int, history: list, seconds: float,
 def load_state(path: Path, model, opt, cfg: TrainConfig) -> tuple[int, list, float]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     theirs, ours = json.loads(state["fingerprint"]), cfg.fingerprint()
-    if theirs != ours:
-        diff = {k: (theirs.get(k), ours.get(k)) for k in ours if theirs.get(k) != ours.get(k)}
+    diff = {k: (theirs.get(k), ours.get(k)) for k in ours if k != "steps" and theirs.get(k) != ours.get(k)}
+    if diff:
         raise SystemExit(f"{path} was written by a run with other settings {diff} (checkpoint, this run); "
                          f"use the same options, or another --out to start afresh")
+    if theirs["steps"] != cfg.steps:
+        # Extending a run (more --steps): the cosine schedule is recomputed over the new total, so the
+        # learning rate steps back up (a warm restart). Not bit-equal to a run planned that long.
+        print(f"{path}: the run was planned for {theirs['steps']} steps, now {cfg.steps}: the learning-rate "
+              f"schedule is recomputed over the new total", flush=True)
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     return int(state["step"]), [tuple(h) for h in state["history"]], float(state["train_seconds"])
@@ -201,7 +206,8 @@ def train(cfg: TrainConfig) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Train the shapes GPT (and its tokenizer); resumes from --out.")
     p.add_argument("--out", type=Path, required=True, help="output directory (also the resume checkpoint)")
-    p.add_argument("--steps", type=int, default=TrainConfig.steps, help="total optimiser steps")
+    p.add_argument("--steps", type=int, default=TrainConfig.steps,
+                   help="total optimiser steps (raise it on a finished run's --out to train on)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
