@@ -1,6 +1,7 @@
-"""Quality vs KV cache budget on the bundled digits model: prints the markdown table.
+"""Quality vs KV cache budget on a bundled model: prints the markdown table.
 
     .venv/bin/python benchmarks/quality_vs_budget.py --samples 1000 --out benchmarks/results/quality
+    .venv/bin/python benchmarks/quality_vs_budget.py --model shapes-24 --samples 1000 --out benchmarks/results/quality_shapes24
 
 A thin wrapper over `lineray eval` (lineray.quality.runner); the same options apply.
 """

@@ -1,6 +1,7 @@
 """Quality metrics on hand-built cases, and `lineray eval` end to end on the bundled model (small)."""
 import argparse
 import csv
+import json
 import math
 
 import pytest
@@ -71,11 +72,17 @@ def test_eval_end_to_end_on_bundled_model(tmp_path):
     add_arguments(parser)
     args = parser.parse_args(["--out", str(tmp_path), "--samples", "20", "--policies", "linear", "window",
                               "--budgets", "1/4", "--no-progress"])
-    rows = evaluate(samples=args.samples, policies=args.policies, budgets=args.budgets, heldout=60,
-                    out_dir=args.out, progress=False)
-    full, linear, window = rows
-    assert (full.policy, linear.policy, window.policy) == ("full", "linear", "window")
+    assert args.bundle == "digits"  # the default model
+    rows = evaluate(bundle=args.bundle, samples=args.samples, policies=args.policies, budgets=args.budgets,
+                    heldout=60, out_dir=args.out, progress=False)
+    full, other_seeds, linear, window = rows
+    assert [r.policy for r in rows] == ["full", "full", "linear", "window"]
+    assert [r.seeds for r in rows] == ["A", "B", "A", "A"]
     assert full.kl_vs_full == 0 and full.top1_vs_full == 1 and full.token_agreement == 1
+    # The second seed set: same teacher-forced numbers, other samples (the run-to-run spread).
+    assert other_seeds.heldout_nll == full.heldout_nll and other_seeds.kl_vs_full == 0
+    assert math.isnan(other_seeds.token_agreement) and other_seeds.frechet_distance != full.frechet_distance
+    assert all(math.isnan(r.copy_iou) for r in rows)  # digits have no copy structure
     assert linear.kv_lines == window.kv_lines == 4
     for r in rows:
         assert 0.0 < r.heldout_nll < math.log(16)  # a trained model beats uniform guessing
@@ -85,5 +92,72 @@ def test_eval_end_to_end_on_bundled_model(tmp_path):
     for name in ("quality.md", "quality.csv", "quality_vs_budget.png", "samples_linear.png", "samples_window.png"):
         assert (tmp_path / name).stat().st_size > 0
     with open(tmp_path / "quality.csv") as f:
-        assert [r["policy"] for r in csv.DictReader(f)] == ["full", "linear", "window"]
-    assert "| full | 1 | 16 |" in (tmp_path / "quality.md").read_text()
+        assert [r["policy"] for r in csv.DictReader(f)] == ["full", "full", "linear", "window"]
+    table = (tmp_path / "quality.md").read_text()
+    assert "| full | 1 | 16 | A |" in table and "| full | 1 | 16 | B |" in table
+    assert "copy IoU" not in table and "model digits" in table
+
+
+@pytest.mark.timeout(300)
+def test_eval_runs_on_a_tiny_shapes_model(tmp_path):
+    """`lineray eval --model shapes-24 --model-dir DIR` end to end, on a 2-step model and judge (24x24 tokens)."""
+    from lineray.kernels.sampling import SamplingConfig
+    from lineray.models.patch_tokenizer import PatchTokenizer
+    from lineray.models.shapes.data import make_scenes
+    from lineray.models.shapes.judge import train_judge
+    from lineray.models.shapes.train import TrainConfig, train
+    PatchTokenizer.fit(make_scenes(40, seed=3).images, 16, patch=4, max_patches=10_000).save(tmp_path / "tok.safetensors")
+    train(TrainConfig(out=tmp_path / "gpt", steps=2, batch_size=2, warmup_steps=1, eval_every=2, heldout=4,
+                      autocast="off", threads=1, codebook_size=16, model_overrides={"n_layer": 1, "dim": 32, "n_head": 2},
+                      tokenizer=tmp_path / "tok.safetensors"))
+    train_judge(tmp_path / "judge", steps=2, batch_size=8)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", "shapes-24", "--model-dir", str(tmp_path / "gpt")])
+    rows = evaluate(args.model_dir, bundle=args.bundle, judge=tmp_path / "judge" / "judge.safetensors", samples=4,
+                    batch_size=4, sampling=SamplingConfig(cfg_scale=2.0), policies=["linear", "window"],
+                    budgets=["1/6"], heldout=4, out_dir=tmp_path / "eval", progress=False)
+    assert [(r.policy, r.kv_lines, r.seeds) for r in rows] == [("full", 24, "A"), ("full", 24, "B"),
+                                                               ("linear", 4, "A"), ("window", 4, "A")]
+    for r in rows:
+        assert 0.0 <= r.copy_iou <= 1.0 and r.heldout_nll > 0 and r.frechet_distance >= 0
+    assert rows[0].kl_vs_full == 0 and rows[2].kl_vs_full > 0
+    table = (tmp_path / "eval" / "quality.md").read_text()
+    assert "copy IoU" in table and "model shapes-24" in table and "| window | 1/6 | 4 | A |" in table
+    for name in ("quality_vs_budget.png", "samples_full.png", "samples_linear.png"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0
+
+    # Sampling tuning writes its choice into gpt.json; the kept-token census runs on the same model.
+    from lineray.quality import keeps, tune
+    judge_file = str(tmp_path / "judge" / "judge.safetensors")
+    assert tune.main(["--model", "shapes-24", "--model-dir", str(tmp_path / "gpt"), "--judge", judge_file,
+                      "--samples", "2", "--shipped", "--write"]) == 0
+    record = json.loads((tmp_path / "gpt" / "gpt.json").read_text())
+    assert record["sampling_check"]["samples"] == 2 and 0 <= record["sampling_check"]["accuracy"] <= 1
+    assert "sampling" not in record  # a check does not change the settings
+    assert keeps.main(["--model-dir", str(tmp_path / "gpt"), "--samples", "2", "--budgets", "1/6",
+                       "--policies", "linear", "window", "--out", str(tmp_path / "keeps")]) == 0
+    assert (tmp_path / "keeps" / "keeps_1-6.png").stat().st_size > 0
+
+
+def test_kept_token_census_counts_exactly_what_the_cache_holds(make_tiny):
+    """window keeps the last B lines: with B = 16 lines the line 16 back is still there after every line end
+    (recall 1), with B = 15 it never is (recall 0); LineAR keeps some of it."""
+    from lineray.cache import CacheSpec
+    from lineray.kernels.sampling import SamplingConfig
+    from lineray.quality.keeps import held_masks, needed_ink_recall
+    model = make_tiny(grid=24)
+    labels, seeds, ends = torch.tensor([1, 2, 3]), [0, 1, 2], [15, 17, 20]
+    sampling = SamplingConfig(cfg_scale=2.0)
+    for lines, expected in ((16, 1.0), (15, 0.0)):
+        tokens, held = held_masks(model, CacheSpec("window", lines=lines), labels, seeds, sampling, ends)
+        assert held.shape == (3, model.config.n_layer, 3, 576)
+        assert torch.all(held.sum(-1) == lines * 24)  # every head of every layer holds B lines of cells
+        recall = needed_ink_recall(tokens, held, ends, 24)
+        assert torch.all(recall == expected), recall
+    tokens, held = held_masks(model, CacheSpec("linear", lines=4), labels, seeds, sampling, ends)
+    for k, e in enumerate(ends):
+        assert torch.all(held[k, :, :, e * 24:(e + 1) * 24] == 1)  # R = 1: the newest line is always held
+    recall = needed_ink_recall(tokens, held, ends, 24)
+    assert torch.all((recall >= 0) & (recall <= 1))
+    assert torch.all(held.sum(-1) == 4 * 24)

@@ -6,8 +6,15 @@ exposes the same small surface:
   bundled_config()            its GPTConfig
   bundled_sampling()          the sampling settings shipped with it
   load_bundled_tokenizer()    its image tokenizer / decoder (codes [B, h, w] -> images [B, 3, H, W])
-  load_bundled_judge()        the judge classifier `lineray eval` uses
+  load_bundled_judge(path)    the judge classifier `lineray eval` uses (default: the bundled file)
   CLASS_NAMES                 one name per class label
+and, for `lineray eval --model NAME`:
+  ASSET_DIR, GPT_FILE, GPT_JSON, TOKENIZER_FILE   where the files are (a training output has the same names)
+  model_config(json), model_sampling(json)        read a gpt.json
+  PatchTokenizer                                  the tokenizer class
+  heldout_images(n)           (images, labels) of real held-out data for teacher forcing
+  reference_images()          real images whose judge features are the Frechet distance's reference
+  copy_iou(images)            optional: per-image long-range copy fidelity (shapes-24)
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from types import ModuleType
 
 BUNDLES: dict[str, str] = {
     "digits": "lineray.models.digits",
+    "shapes-24": "lineray.models.shapes",
 }
 
 

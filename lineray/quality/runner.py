@@ -1,11 +1,14 @@
-"""`lineray eval`: how much each KV cache policy and budget costs in quality, on the bundled digits model.
+"""`lineray eval`: how much each KV cache policy and budget costs in quality, on a bundled model
+(`--model digits`, 16x16 tokens, or `--model shapes-24`, 24x24 tokens).
 
 For every row (full cache; linear, window and heavy_hitter at each budget):
-  - teacher-forced on the real held-out digits (no CFG): held-out NLL, and KL / top-1 agreement of
+  - teacher-forced on the real held-out images (no CFG): held-out NLL, and KL / top-1 agreement of
     the next-token distributions against the full cache on the same inputs;
-  - sampled with CFG from the same seeds (image i has class i % 10 and seed seed + i): same-seed token
-    agreement with the full cache, Frechet distance to the real digits in the judge's feature space,
-    and the judge's class accuracy.
+  - sampled with CFG from the same seeds (image i has class i % C and seed seed + i): same-seed token
+    agreement with the full cache, Frechet distance to real images in the judge's feature space,
+    the judge's class accuracy, and (shapes) the copy IoU of the bottom band against the top band.
+A second full-cache row samples other seeds (seed + SEED_SET_OFFSET + i): its distance from the first
+full row is the run-to-run spread, the noise floor for reading the differences between rows.
 Writes quality.md, quality.csv, quality_vs_budget.png, samples_full.png and samples_<policy>.png to --out.
 """
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import argparse
 import csv
 import time
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from fractions import Fraction
 from pathlib import Path
@@ -27,6 +32,7 @@ from lineray.quality import metrics
 
 POLICIES = ("linear", "window", "heavy_hitter")
 BUDGETS = ("1/2", "1/4", "1/6", "1/8")
+SEED_SET_OFFSET = 1_000_000  # the second full-cache row's seeds start here
 
 
 @dataclass
@@ -34,12 +40,14 @@ class EvalRow:
     policy: str
     budget: str  # fraction of the image's lines kept ("1" for the full cache)
     kv_lines: int  # visual lines the cache holds after each line's eviction
+    seeds: str  # which seed set sampled this row ("A" = seed + i, "B" = seed + SEED_SET_OFFSET + i)
     heldout_nll: float
     kl_vs_full: float
     top1_vs_full: float
-    token_agreement: float
+    token_agreement: float  # vs the full cache on seed set A (NaN for seed set B: other seeds)
     frechet_distance: float
     judge_accuracy: float
+    copy_iou: float  # NaN when the bundle's data has no copy structure (digits)
     images_per_s: float
 
 
@@ -54,49 +62,49 @@ def cache_rows(policies=POLICIES, budgets=BUDGETS) -> list[tuple[str, CacheSpec]
     return rows
 
 
+def load_model(bundle: str = "digits", model_dir: str | Path | None = None):
+    """(GPT in eval mode, tokenizer, sampling settings) of a bundled model, or of a training output
+    directory of that bundle's trainer (gpt.json, gpt.safetensors, tokenizer.safetensors)."""
+    from lineray.models.bundles import bundle_module
+    from lineray.models.checkpoint import load_checkpoint
+    from lineray.models.llamagen import Transformer
+    b = bundle_module(bundle)
+    d = Path(model_dir) if model_dir is not None else b.ASSET_DIR
+    model = Transformer(b.model_config(d / b.GPT_JSON))
+    load_checkpoint(model, d / b.GPT_FILE)
+    return model.eval(), b.PatchTokenizer.load(d / b.TOKENIZER_FILE), b.model_sampling(d / b.GPT_JSON)
+
+
 @dataclass
-class DigitsBench:
+class Bench:
     """The model under test, its tokenizer, the judge and the real data they are compared with."""
+    bundle: str
     model: torch.nn.Module
     tokenizer: torch.nn.Module
     judge: torch.nn.Module
     sampling: SamplingConfig
     heldout_labels: torch.Tensor  # [M]
     heldout_tokens: torch.Tensor  # [M, N]
-    real_features: torch.Tensor  # [R, D] judge features of all real digits (reference for FD)
+    real_features: torch.Tensor  # [R, D] judge features of real images (reference for FD)
+    copy_iou: Callable[[torch.Tensor], torch.Tensor] | None  # [N] long-range copy fidelity, if the data has one
 
     @classmethod
-    def load(cls, model_dir: str | Path | None = None, judge: str | Path | None = None,
-             heldout: int | None = None) -> "DigitsBench":
-        """The bundled model (model_dir None) or a training output directory (gpt.json, gpt.safetensors,
-        tokenizer.safetensors). heldout: use only the first N of the 360 held-out digits (quick runs)."""
-        from lineray.models import digits
-        from lineray.models.digits.data import load_digits_split, render
-        from lineray.models.digits.judge import DigitJudge
-        if model_dir is None:
-            from lineray.models.spec import ModelSpec
-            spec = ModelSpec()
-            model, tokenizer, sampling = spec.build_model(), spec.build_decoder(), digits.bundled_sampling()
-        else:
-            from lineray.models.checkpoint import load_checkpoint
-            from lineray.models.llamagen import Transformer
-            d = Path(model_dir)
-            model = Transformer(digits.model_config(d / digits.GPT_JSON))
-            load_checkpoint(model, d / digits.GPT_FILE)
-            model.eval()
-            tokenizer = digits.PatchTokenizer.load(d / digits.TOKENIZER_FILE)
-            sampling = digits.model_sampling(d / digits.GPT_JSON)
-        judge_model = DigitJudge.load(judge or digits.BUNDLED_JUDGE)
-        train, held = load_digits_split()
-        if heldout is not None:
-            held = held.select(slice(0, heldout))
-        held_images = render(held.images)
-        _, real_features = judge_model.predict(torch.cat([render(train.images), held_images]))
-        return cls(model, tokenizer, judge_model, sampling, held.labels,
-                   tokenizer.encode(held_images).flatten(1), real_features)
+    def load(cls, bundle: str = "digits", model_dir: str | Path | None = None, judge: str | Path | None = None,
+             heldout: int | None = None) -> "Bench":
+        """A bundled model by name (model_dir None) or a training output directory of that bundle's
+        trainer (gpt.json, gpt.safetensors, tokenizer.safetensors). heldout: use only the first N
+        held-out images (quick runs)."""
+        from lineray.models.bundles import bundle_module
+        b = bundle_module(bundle)
+        model, tokenizer, sampling = load_model(bundle, model_dir)
+        judge_model = b.load_bundled_judge(judge or b.BUNDLED_JUDGE)
+        held_images, held_labels = b.heldout_images(heldout)
+        _, real_features = judge_model.predict(b.reference_images())
+        return cls(bundle, model, tokenizer, judge_model, sampling, held_labels,
+                   tokenizer.encode(held_images).flatten(1), real_features, getattr(b, "copy_iou", None))
 
 
-def teacher_forced_logits(bench: DigitsBench, spec: CacheSpec, batch_size: int) -> torch.Tensor:
+def teacher_forced_logits(bench: Bench, spec: CacheSpec, batch_size: int) -> torch.Tensor:
     """[M, N, V] next-token logits of the real held-out sequences through `spec` (no CFG)."""
     out = []
     no_cfg = SamplingConfig(cfg_scale=1.0)
@@ -108,7 +116,7 @@ def teacher_forced_logits(bench: DigitsBench, spec: CacheSpec, batch_size: int) 
     return torch.cat(out)
 
 
-def sample_images(bench: DigitsBench, spec: CacheSpec, sampling: SamplingConfig, labels: torch.Tensor,
+def sample_images(bench: Bench, spec: CacheSpec, sampling: SamplingConfig, labels: torch.Tensor,
                   seeds: list[int], batch_size: int, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [B, N], images [B, 3, H, W] in [-1, 1]) generated with `spec`."""
     tokens, cache = [], None
@@ -126,69 +134,85 @@ def sample_images(bench: DigitsBench, spec: CacheSpec, sampling: SamplingConfig,
     return tokens, bench.tokenizer.decode_codes(tokens.view(-1, grid, grid))
 
 
-def evaluate(model_dir: str | Path | None = None, *, judge: str | Path | None = None, samples: int = 1000,
-             batch_size: int = 500, sampling: SamplingConfig | None = None, policies=POLICIES,
-             budgets=BUDGETS, seed: int = 0, heldout: int | None = None, out_dir: str | Path | None = None,
-             progress: bool = True) -> list[EvalRow]:
-    """Evaluate every cache row; write the table, CSV, plot and sample grids when out_dir is given."""
+def evaluate(model_dir: str | Path | None = None, *, bundle: str = "digits", judge: str | Path | None = None,
+             samples: int = 1000, batch_size: int = 500, sampling: SamplingConfig | None = None, policies=POLICIES,
+             budgets=BUDGETS, seed: int = 0, spread: bool = True, heldout: int | None = None,
+             out_dir: str | Path | None = None, progress: bool = True) -> list[EvalRow]:
+    """Evaluate every cache row; write the table, CSV, plot and sample grids when out_dir is given.
+
+    spread: add the second full-cache row (seed set B) that measures run-to-run noise."""
     from tqdm import tqdm
     if samples < 2:
         raise ValueError(f"samples must be >= 2 (the Frechet distance needs a covariance), got {samples}")
-    bench = DigitsBench.load(model_dir, judge, heldout)
+    bench = Bench.load(bundle, model_dir, judge, heldout)
     sampling = sampling or bench.sampling
     cfg = bench.model.config
     labels = torch.arange(samples) % cfg.num_classes
-    seeds = [seed + i for i in range(samples)]
+    seed_sets = {"A": [seed + i for i in range(samples)]}
+    if spread:
+        seed_sets["B"] = [seed + SEED_SET_OFFSET + i for i in range(samples)]
+    runs = [(budget, spec, "A") for budget, spec in cache_rows(policies, budgets)]
+    if spread:
+        runs.insert(1, ("1", CacheSpec("full"), "B"))
     rows, grids = [], {}
     ref_logits = ref_tokens = None
-    specs = cache_rows(policies, budgets)
-    bar = tqdm(total=samples * len(specs), unit="img", desc="eval", disable=not progress, dynamic_ncols=True)
-    for budget, spec in specs:
+    bar = tqdm(total=samples * len(runs), unit="img", desc="eval", disable=not progress, dynamic_ncols=True)
+    for budget, spec, seed_set in runs:
         plan = spec.plan(cfg.grid_size, cfg.grid_size, cfg.image_tokens)
-        bar.set_postfix_str(plan.describe())
-        logits = teacher_forced_logits(bench, spec, batch_size)
+        bar.set_postfix_str(f"{plan.describe()}, seeds {seed_set}")
+        # Teacher forcing does not depend on the seeds: the second full row reuses the first's logits.
+        logits = ref_logits if seed_set == "B" else teacher_forced_logits(bench, spec, batch_size)
         t0 = time.perf_counter()
-        tokens, images = sample_images(bench, spec, sampling, labels, seeds, batch_size, bar)
+        tokens, images = sample_images(bench, spec, sampling, labels, seed_sets[seed_set], batch_size, bar)
         seconds = time.perf_counter() - t0
         if ref_logits is None:  # the full cache comes first
             ref_logits, ref_tokens = logits, tokens
         predicted, features = bench.judge.predict(images)
         rows.append(EvalRow(
-            policy=spec.policy, budget=budget, kv_lines=plan.budget_lines,
+            policy=spec.policy, budget=budget, kv_lines=plan.budget_lines, seeds=seed_set,
             heldout_nll=metrics.token_nll(logits, bench.heldout_tokens),
             kl_vs_full=float(metrics.kl_divergence(ref_logits, logits).mean()),
             top1_vs_full=metrics.top1_agreement(ref_logits, logits),
-            token_agreement=metrics.token_agreement(ref_tokens, tokens),
+            token_agreement=metrics.token_agreement(ref_tokens, tokens) if seed_set == "A" else math.nan,
             frechet_distance=metrics.frechet_distance(features, bench.real_features),
             judge_accuracy=metrics.class_accuracy(predicted, labels),
+            copy_iou=float(bench.copy_iou(images).mean()) if bench.copy_iou is not None else math.nan,
             images_per_s=samples / seconds))
-        # Two of each class per row for the policy sheets; ten of each for the full cache's own sheet.
-        keep = (10 if spec.policy == "full" else 2) * cfg.num_classes
-        grids[(spec.policy, budget)] = to_uint8(images[:min(samples, keep)])
+        if seed_set == "A":
+            # Two of each class per row for the policy sheets; ten of each for the full cache's own sheet.
+            keep = (10 if spec.policy == "full" else 2) * cfg.num_classes
+            grids[(spec.policy, budget)] = to_uint8(images[:min(samples, keep)])
     bar.close()
     if out_dir is not None:
-        write_outputs(rows, grids, Path(out_dir), sampling, samples)
+        write_outputs(rows, grids, Path(out_dir), sampling, samples, bundle)
     return rows
 
 
 # -- outputs -------------------------------------------------------------------
 COLUMNS = [("policy", "policy", "{}"), ("budget", "budget", "{}"), ("kv_lines", "KV lines", "{}"),
+           ("seeds", "seeds", "{}"),
            ("heldout_nll", "held-out NLL", "{:.4f}"), ("kl_vs_full", "KL vs full", "{:.4f}"),
            ("top1_vs_full", "top-1 vs full", "{:.3f}"), ("token_agreement", "same-seed tokens", "{:.3f}"),
            ("frechet_distance", "judge FD", "{:.2f}"), ("judge_accuracy", "judge acc", "{:.3f}"),
-           ("images_per_s", "images/s", "{:.1f}")]
+           ("copy_iou", "copy IoU", "{:.3f}"), ("images_per_s", "images/s", "{:.1f}")]
+
+
+def _cell(value, fmt: str) -> str:
+    return "-" if isinstance(value, float) and math.isnan(value) else fmt.format(value)
 
 
 def markdown_table(rows: list[EvalRow]) -> str:
-    head = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
-    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(fmt.format(getattr(r, key)) for key, _, fmt in COLUMNS) + " |" for r in rows]
+    columns = [c for c in COLUMNS if not all(_cell(getattr(r, c[0]), "{}") == "-" for r in rows)]  # drop empty ones
+    head = "| " + " | ".join(title for _, title, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(_cell(getattr(r, key), fmt) for key, _, fmt in columns) + " |" for r in rows]
     return "\n".join([head, rule, *body])
 
 
-def write_outputs(rows: list[EvalRow], grids: dict, out: Path, sampling: SamplingConfig, samples: int) -> None:
+def write_outputs(rows: list[EvalRow], grids: dict, out: Path, sampling: SamplingConfig, samples: int,
+                  bundle: str = "digits") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    settings = (f"{samples} samples per row; cfg_scale {sampling.cfg_scale:g}, temperature "
+    settings = (f"model {bundle}; {samples} samples per row (seeds A = seed + i; B = seed + {SEED_SET_OFFSET} + i); cfg_scale {sampling.cfg_scale:g}, temperature "
                 f"{sampling.temperature:g}, top_k {sampling.top_k}, top_p {sampling.top_p:g}")
     (out / "quality.md").write_text(f"{settings}\n\n{markdown_table(rows)}\n")
     with open(out / "quality.csv", "w", newline="") as f:
@@ -217,14 +241,22 @@ def plot_quality(rows: list[EvalRow], path: Path, title: str) -> None:
     panels = [("heldout_nll", "held-out NLL (nats/token)"), ("kl_vs_full", "KL vs full cache"),
               ("top1_vs_full", "top-1 agreement vs full"), ("token_agreement", "same-seed token agreement"),
               ("frechet_distance", "Frechet distance (judge features)"), ("judge_accuracy", "judge class accuracy")]
+    if not all(math.isnan(r.copy_iou) for r in rows):
+        panels.append(("copy_iou", "copy IoU (bottom band vs top band)"))
     full = next((r for r in rows if r.policy == "full"), None)
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    other_seeds = next((r for r in rows if r.policy == "full" and r.seeds != "A"), None)
+    fig, axes = plt.subplots(2, math.ceil(len(panels) / 2), figsize=(4.3 * math.ceil(len(panels) / 2), 7))
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
     for ax, (key, label) in zip(axes.flat, panels):
         for policy in dict.fromkeys(r.policy for r in rows if r.policy != "full"):
             pts = sorted((float(Fraction(r.budget)), getattr(r, key)) for r in rows if r.policy == policy)
             ax.plot(*zip(*pts), marker="o", label=policy)
         if full is not None:
             ax.axhline(getattr(full, key), color="black", linestyle="--", linewidth=1, label="full cache")
+        if other_seeds is not None and key not in ("token_agreement", "kl_vs_full", "top1_vs_full", "heldout_nll"):
+            ax.axhline(getattr(other_seeds, key), color="grey", linestyle=":", linewidth=1,
+                       label="full cache, seeds B (spread)")
         ax.set_xlabel("KV budget (fraction of image lines)")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
@@ -237,20 +269,25 @@ def plot_quality(rows: list[EvalRow], path: Path, title: str) -> None:
 
 # -- CLI -----------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from lineray.models.bundles import BUNDLES
+    p.add_argument("--model", dest="bundle", default="digits", choices=list(BUNDLES),
+                   help="the bundled model to evaluate (default digits)")
     p.add_argument("--out", type=Path, default=Path("outputs/eval"), help="directory for table, CSV and PNGs")
-    p.add_argument("--samples", type=int, default=1000, help="generated images per row (classes cycle 0-9)")
+    p.add_argument("--samples", type=int, default=1000, help="generated images per row (classes cycle)")
     p.add_argument("--batch-size", type=int, default=500, help="images generated together")
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES), help="cache policies to compare")
     p.add_argument("--budgets", nargs="+", default=list(BUDGETS), help="fractions of the image lines, e.g. 1/4")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i")
+    p.add_argument("--no-spread", action="store_true",
+                   help=f"skip the second full-cache row (seeds SEED + {SEED_SET_OFFSET} + i) that measures noise")
     p.add_argument("--heldout", type=int, default=None,
-                   help="teacher-force only the first N of the 360 held-out digits (default: all)")
+                   help="teacher-force only the first N held-out images (default: all; digits 360, shapes-24 500)")
     p.add_argument("--cfg-scale", type=float, default=None, help="default: the model's tuned setting")
     p.add_argument("--temperature", type=float, default=None, help="default: the model's tuned setting")
     p.add_argument("--top-k", type=int, default=None, help="default: the model's tuned setting")
     p.add_argument("--top-p", type=float, default=None, help="default: the model's tuned setting")
     p.add_argument("--model-dir", type=Path, default=None,
-                   help="a training output directory (default: the bundled model)")
+                   help="a training output directory of --model's trainer (default: the bundled files)")
     p.add_argument("--judge", type=Path, default=None, help="judge.safetensors (default: the bundled judge)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -263,7 +300,8 @@ def sampling_from_args(args, base: SamplingConfig) -> SamplingConfig:
 
 
 def run(args) -> int:
-    from lineray.models import digits
+    from lineray.models.bundles import bundle_module
+    bundle = bundle_module(args.bundle)
     if args.threads:
         torch.set_num_threads(args.threads)
     for b in args.budgets:
@@ -272,10 +310,9 @@ def run(args) -> int:
                 raise ValueError
         except (ValueError, ZeroDivisionError):
             raise SystemExit(f"lineray eval: budget {b!r} must be a fraction between 0 and 1, like 1/4")
-    base = (digits.model_sampling(args.model_dir / digits.GPT_JSON) if args.model_dir
-            else digits.bundled_sampling())
+    base = bundle.model_sampling((args.model_dir or bundle.ASSET_DIR) / bundle.GPT_JSON)
     sampling = sampling_from_args(args, base)
-    evaluate(args.model_dir, judge=args.judge, samples=args.samples, batch_size=args.batch_size,
+    evaluate(args.model_dir, bundle=args.bundle, judge=args.judge, spread=not args.no_spread, samples=args.samples, batch_size=args.batch_size,
              sampling=sampling, policies=args.policies, budgets=args.budgets, seed=args.seed,
              heldout=args.heldout, out_dir=args.out, progress=not args.no_progress)
     print((args.out / "quality.md").read_text())

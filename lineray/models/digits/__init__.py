@@ -8,12 +8,12 @@ Rebuild them with `python -m lineray.models.digits.train` and `python -m lineray
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lineray.kernels.sampling import SamplingConfig
+from lineray.models import model_files
 from lineray.models.config import GPTConfig
-from lineray.models.digits.tokenizer import PatchTokenizer
+from lineray.models.patch_tokenizer import PatchTokenizer
 
 ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "digits"
 BUNDLED_GPT = ASSET_DIR / "gpt.safetensors"
@@ -27,23 +27,16 @@ GPT_FILE, GPT_JSON, TOKENIZER_FILE, JUDGE_FILE = "gpt.safetensors", "gpt.json", 
 
 
 def read_model_json(path: str | Path = BUNDLED_JSON) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"digits model description not found: {path} "
-                                f"(train one with `python -m lineray.models.digits.train --out DIR`)")
-    info = json.loads(path.read_text())
-    if "config" not in info:
-        raise ValueError(f"{path}: no 'config' entry (the GPTConfig of the weights)")
-    return info
+    return model_files.read_model_json(path, "python -m lineray.models.digits.train")
 
 
 def model_config(path: str | Path = BUNDLED_JSON) -> GPTConfig:
-    return GPTConfig(**read_model_json(path)["config"])
+    return model_files.model_config(path)
 
 
 def model_sampling(path: str | Path = BUNDLED_JSON) -> SamplingConfig:
     """The sampling settings stored with the model (tuned for judge accuracy), or the defaults."""
-    return SamplingConfig(**read_model_json(path).get("sampling", {}))
+    return model_files.model_sampling(path)
 
 
 def bundled_config() -> GPTConfig:
@@ -58,11 +51,30 @@ def load_bundled_tokenizer() -> PatchTokenizer:
     return PatchTokenizer.load(BUNDLED_TOKENIZER)
 
 
-def load_bundled_judge():
+def load_bundled_judge(path: str | Path = BUNDLED_JUDGE):
     from lineray.models.digits.judge import DigitJudge
-    return DigitJudge.load(BUNDLED_JUDGE)
+    return DigitJudge.load(path)
+
+
+def heldout_images(n: int | None = None):
+    """(images [M, 1, 32, 32], labels [M]): the first n (default all 360) held-out real digits."""
+    from lineray.models.digits.data import load_digits_split, render
+    _, held = load_digits_split()
+    if n is not None:
+        held = held.select(slice(0, n))
+    return render(held.images), held.labels
+
+
+def reference_images():
+    """Every real digit (training and held-out split): the reference of the judge-feature Frechet distance."""
+    import torch
+
+    from lineray.models.digits.data import load_digits_split, render
+    train, held = load_digits_split()
+    return torch.cat([render(train.images), render(held.images)])
 
 
 __all__ = ["ASSET_DIR", "CLASS_NAMES", "BUNDLED_GPT", "BUNDLED_JSON", "BUNDLED_TOKENIZER", "BUNDLED_JUDGE", "PatchTokenizer",
            "bundled_config", "bundled_sampling", "load_bundled_tokenizer", "load_bundled_judge",
+           "heldout_images", "reference_images",
            "model_config", "model_sampling", "read_model_json"]

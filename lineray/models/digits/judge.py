@@ -7,59 +7,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lineray.models.digits.data import NUM_CLASSES, AugmentedBatches, load_digits_split, render
-
-FEATURE_DIM = 128
-
-
-def conv_block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+from lineray.models.judges import FEATURE_DIM, JudgeCNN, conv_block, fit_judge
 
 
-class DigitJudge(nn.Module):
-    """[B, C, 32, 32] images in [-1, 1] -> class logits; `features` is the pooled 128-d embedding."""
+class DigitJudge(JudgeCNN):
+    """[B, C, 32, 32] images in [-1, 1] -> digit logits; `features` is the pooled 128-d embedding."""
 
     def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(conv_block(1, 16), nn.MaxPool2d(2),  # 16x16
-                                  conv_block(16, 32), nn.MaxPool2d(2),  # 8x8
-                                  conv_block(32, 64), conv_block(64, FEATURE_DIM),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(FEATURE_DIM, NUM_CLASSES)
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.body(images.float().mean(1, keepdim=True))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-        """(predicted classes [B], features [B, 128]) in eval mode."""
-        self.eval()
-        feats = torch.cat([self.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
-        return self.head(feats).argmax(-1), feats
-
-    def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "DigitJudge":
-        from safetensors.torch import load_file
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"judge weights not found: {path}")
-        judge = cls()
-        judge.load_state_dict(load_file(str(path)))
-        return judge.eval()
+        super().__init__(nn.Sequential(conv_block(1, 16), nn.MaxPool2d(2),  # 16x16
+                                       conv_block(16, 32), nn.MaxPool2d(2),  # 8x8
+                                       conv_block(32, 64), conv_block(64, FEATURE_DIM),
+                                       nn.AdaptiveAvgPool2d(1), nn.Flatten()), NUM_CLASSES)
 
 
 def train_judge(out: Path, seed: int = 0, steps: int = 800, batch_size: int = 128, lr: float = 2e-3,
@@ -67,28 +31,13 @@ def train_judge(out: Path, seed: int = 0, steps: int = 800, batch_size: int = 12
     torch.manual_seed(seed)
     train, held = load_digits_split()
     judge = DigitJudge()
-    opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    batches = AugmentedBatches(train, batch_size, seed)
-    t0 = time.time()
-    judge.train()
-    for step in range(1, steps + 1):
-        images, labels = next(batches)
-        loss = F.cross_entropy(judge(images), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % log_every == 0 or step == steps:
-            rate = step / (time.time() - t0)
-            print(f"judge step {step}/{steps} loss {loss.item():.4f} {rate:.1f} steps/s "
-                  f"ETA {(steps - step) / rate:.0f}s", flush=True)
+    seconds = fit_judge(judge, AugmentedBatches(train, batch_size, seed), steps, lr, log_every)
     pred, _ = judge.predict(render(held.images))
     accuracy = float((pred == held.labels).float().mean())
     out.mkdir(parents=True, exist_ok=True)
     judge.save(out / "judge.safetensors")
     info = {"seed": seed, "steps": steps, "batch_size": batch_size, "heldout_accuracy": accuracy,
-            "train_seconds": round(time.time() - t0, 1)}
+            "train_seconds": round(seconds, 1)}
     (out / "judge.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"judge held-out accuracy {accuracy:.4f} ({len(held)} real digits); wrote {out / 'judge.safetensors'}")
     return info

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from lineray.models.digits import GPT_FILE, GPT_JSON, TOKENIZER_FILE
 from lineray.models.digits.data import Augment, AugmentedBatches, load_digits_split, render
 from lineray.models.digits.tokenizer import PatchTokenizer
 from lineray.models.llamagen import Transformer
+from lineray.models.training import heldout_nll, learning_rate, make_optimizer, save_model, use_bf16
 
 
 @dataclass
@@ -54,54 +54,6 @@ class TrainConfig:
 
 
 CALIBRATION_STEPS = (3, 13)  # steps timed to pick the step count from --minutes
-
-
-def use_bf16(mode: str) -> bool:
-    """bf16 autocast helps only on CPUs with native bf16 (AVX512_BF16/AMX); elsewhere it is ~50x slower."""
-    if mode not in ("auto", "bf16", "off"):
-        raise ValueError(f"autocast must be auto, bf16 or off, got {mode!r}")
-    if mode == "auto":
-        return any(c in torch.backends.cpu.get_cpu_capability() for c in ("AMX", "BF16"))
-    return mode == "bf16"
-
-
-def learning_rate(cfg: TrainConfig, step: int, total: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-
-
-@torch.no_grad()
-def heldout_nll(model: Transformer, labels: torch.Tensor, tokens: torch.Tensor, bf16: bool,
-                batch_size: int = 120) -> float:
-    """Mean next-token negative log-likelihood (nats/token) of real sequences under their true labels."""
-    model.eval()
-    total = 0.0
-    for i in range(0, len(labels), batch_size):
-        lab, tok = labels[i:i + batch_size], tokens[i:i + batch_size]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(lab, tok[:, :-1])
-        total += F.cross_entropy(logits.float().flatten(0, 1), tok.flatten(), reduction="sum").item()
-    model.train()
-    return total / tokens.numel()
-
-
-def save_model(model: Transformer, cfg: TrainConfig, info: dict) -> None:
-    from safetensors.torch import save_file
-    state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(cfg.out / GPT_FILE))
-    old = json.loads((cfg.out / GPT_JSON).read_text()) if (cfg.out / GPT_JSON).is_file() else {}
-    record = {"config": model.config.to_dict(), **({"sampling": old["sampling"]} if "sampling" in old else {}),
-              "training": info}
-    (cfg.out / GPT_JSON).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def fit_tokenizer(cfg: TrainConfig, train_images8: torch.Tensor, held_images: torch.Tensor) -> tuple[PatchTokenizer, dict]:
@@ -188,7 +140,7 @@ def train(cfg: TrainConfig) -> dict:
                     "heldout_nll": round(nll, 4), "heldout_sequences": len(held),
                     "tokenizer_mse": round(recon["mse"], 5), "tokenizer_psnr_db": round(recon["psnr_db"], 2),
                     "train_seconds": round(time.time() - t_start, 1), "heldout_history": history}
-            save_model(model, cfg, info)
+            save_model(model, cfg.out, GPT_FILE, GPT_JSON, info)
             print(f"step {step}: held-out NLL {nll:.4f} nats/token; saved {cfg.out / GPT_FILE}", flush=True)
     return info
 

@@ -1,0 +1,27 @@
+"""The JSON record that travels with a bundled model's weights: its GPTConfig, sampling settings, training."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lineray.kernels.sampling import SamplingConfig
+from lineray.models.config import GPTConfig
+
+
+def read_model_json(path: str | Path, train_command: str = "python -m lineray.models.<bundle>.train") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model description not found: {path} (train one with `{train_command} --out DIR`)")
+    info = json.loads(path.read_text())
+    if "config" not in info:
+        raise ValueError(f"{path}: no 'config' entry (the GPTConfig of the weights)")
+    return info
+
+
+def model_config(path: str | Path) -> GPTConfig:
+    return GPTConfig(**read_model_json(path)["config"])
+
+
+def model_sampling(path: str | Path) -> SamplingConfig:
+    """The sampling settings stored with the model (tuned for judge accuracy), or the defaults."""
+    return SamplingConfig(**read_model_json(path).get("sampling", {}))
