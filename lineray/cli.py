@@ -332,10 +332,11 @@ def run_eval(args) -> int:
 
 
 def run_presets(args) -> int:
-    from lineray.models.bundles import BUNDLES
+    from lineray.models.bundles import BUNDLES, shipped
     from lineray.models.config import PRESETS, preset
 
-    print(f"bundled models (weights included): {', '.join(BUNDLES)}")
+    print("bundled models (weights included): "
+          + ", ".join(b if shipped(b) else f"{b} (weights not shipped yet)" for b in BUNDLES))
     print(f"{'preset':<12}{'layers':>7}{'dim':>6}{'heads':>6}{'head_dim':>9}{'ffn':>6}{'params':>9}  valid tp")
     for name in PRESETS:
         c = preset(name)

@@ -31,3 +31,8 @@ def bundle_module(name: str) -> ModuleType:
     if name not in BUNDLES:
         raise ValueError(f"unknown bundled model {name!r}; bundled models: {', '.join(BUNDLES)}")
     return importlib.import_module(BUNDLES[name])
+
+
+def shipped(name: str) -> bool:
+    """The bundle's weights are in this copy of lineray (a bundle may be registered before it is trained)."""
+    return bundle_module(name).BUNDLED_GPT.is_file()

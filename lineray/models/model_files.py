@@ -8,10 +8,11 @@ from lineray.kernels.sampling import SamplingConfig
 from lineray.models.config import GPTConfig
 
 
-def read_model_json(path: str | Path, train_command: str = "python -m lineray.models.<bundle>.train") -> dict:
+def read_model_json(path: str | Path, train_command: str | None = None) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model description not found: {path} (train one with `{train_command} --out DIR`)")
+        how = f"train one with `{train_command} --out DIR`" if train_command else "this model's weights are not here"
+        raise FileNotFoundError(f"model description not found: {path} ({how})")
     info = json.loads(path.read_text())
     if "config" not in info:
         raise ValueError(f"{path}: no 'config' entry (the GPTConfig of the weights)")
