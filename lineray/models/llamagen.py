@@ -125,9 +125,21 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg, tp) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = ColumnParallelLinear(cfg.dim, cfg.vocab_size, tp, gather_output=True)  # vocab-parallel head
-        rope = rope_table_2d(cfg.grid_size, cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.cls_token_num)
-        self.register_buffer("rope", rope, persistent=False)
+        self.register_buffer("rope", self._rope_table(), persistent=False)
         self.register_load_state_dict_pre_hook(merge_parts)  # checkpoint-layout state dicts load too
+
+    def _rope_table(self) -> torch.Tensor:
+        cfg = self.config
+        return rope_table_2d(cfg.grid_size, cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.cls_token_num)
+
+    def _apply(self, fn, recurse=True):
+        """Move/cast the module, but keep the RoPE table in fp32 (LlamaGen rotates in fp32 at any
+        dtype): `model.to(bfloat16)` would otherwise round cos/sin to 8 bits. Recomputed, not cast
+        back, so it is exact; it follows the device of the other buffers."""
+        super()._apply(fn, recurse)
+        if self.rope.dtype != torch.float32:
+            self.rope = self._rope_table().to(self.rope.device)
+        return self
 
     @property
     def local_heads(self) -> int:
