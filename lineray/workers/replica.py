@@ -32,7 +32,7 @@ class LocalReplica:
     def __init__(self, cfg: ReplicaConfig):
         self.cfg = cfg
         self.model = cfg.model.build_model(device=cfg.device, compile=cfg.compile)
-        self._cache = None  # reused while the batch size stays the same
+        self._cache = None  # reused by every batch (resized when the batch size changes)
 
     @property
     def model_config(self):
@@ -42,10 +42,9 @@ class LocalReplica:
                  sampling: SamplingConfig | None = None) -> torch.Tensor:
         """Tokens [B, N] on CPU. `sampling` overrides the replica's for this batch (e.g. a per-prompt cfg scale)."""
         sampling = sampling or self.cfg.sampling
-        rows = len(cond) * (2 if sampling.uses_cfg else 1)
-        cache = self._cache if self._cache is not None and self._cache.rows == rows else None
+        # The cache is resized in place for another batch size (its old tensors freed first).
         out = generate_tokens(self.model, cond, seeds, sampling=sampling,
-                              cache_spec=self.cfg.cache, cache=cache, on_step=on_step)
+                              cache_spec=self.cfg.cache, cache=self._cache, on_step=on_step)
         self._cache = out.cache
         return out.tokens.cpu()
 
