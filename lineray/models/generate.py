@@ -129,15 +129,15 @@ def decode_step(model: Transformer, cache: KVCache, tokens: torch.Tensor, unifor
     return guided, sample(guided, uniforms.index_select(1, step.view(1)).squeeze(1), sampling)
 
 
-_compiled_decode_step = None
+_compiled_steps: dict = {}
 
 
-def compiled_decode_step():
-    """decode_step under torch.compile(fullgraph=True): a graph break is an error, not a slowdown."""
-    global _compiled_decode_step
-    if _compiled_decode_step is None:
-        _compiled_decode_step = torch.compile(decode_step, fullgraph=True)
-    return _compiled_decode_step
+def compiled_decode_step(backend: str = "inductor"):
+    """decode_step under torch.compile(fullgraph=True): a graph break is an error, not a slowdown.
+    One compiled graph per batch size (cache) and sampling config; "aot_eager" traces without codegen."""
+    if backend not in _compiled_steps:
+        _compiled_steps[backend] = torch.compile(decode_step, fullgraph=True, backend=backend)
+    return _compiled_steps[backend]
 
 
 class CUDAGraphStep:
@@ -179,7 +179,8 @@ class CUDAGraphStep:
 def generate_tokens(model: Transformer, cond: Condition, seeds: list[int] | None = None, *,
                     sampling: SamplingConfig = SamplingConfig(), cache_spec: CacheSpec = CacheSpec(),
                     teacher_tokens: torch.Tensor | None = None, return_logits: bool = False,
-                    cache: KVCache | None = None, on_step=None, step_mode: str = "auto") -> Generation:
+                    cache: KVCache | None = None, on_step=None, step_mode: str = "auto",
+                    compile_backend: str = "inductor") -> Generation:
     """Generate the image tokens of a batch.
 
     seeds: one per image (required unless teacher_tokens is given). teacher_tokens
@@ -187,6 +188,7 @@ def generate_tokens(model: Transformer, cond: Condition, seeds: list[int] | None
     cache: reuse a cache built by `new_cache` (resized in place, old tensors freed first, when
     the batch has another number of rows). on_step(i): called after each token, for progress.
     step_mode: how decode steps run (STEP_MODES above); every mode gives the same tokens.
+    compile_backend: torch.compile's backend for step_mode "compiled".
     """
     check_condition(model, cond)
     cfg = model.config
@@ -221,7 +223,7 @@ def generate_tokens(model: Transformer, cond: Condition, seeds: list[int] | None
                 guided = guided_logits(logits, n_img, i, sampling)
                 tok = sample(guided, uniforms[:, i], sampling)
             else:
-                step = {"static": decode_step, "compiled": compiled_decode_step()}.get(mode)
+                step = compiled_decode_step(compile_backend) if mode == "compiled" else decode_step
                 guided, tok = graph(tok) if mode == "cuda_graph" else step(model, cache, tok, uniforms, sampling)
                 cache.commit_static()
         if teacher_tokens is not None:
