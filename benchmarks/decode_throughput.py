@@ -4,6 +4,7 @@
     python benchmarks/decode_throughput.py --suite cache    # issue 3: policies side by side, 24x24 and 32x32
     python benchmarks/decode_throughput.py --suite reference  # lineray vs LlamaGen's padded static cache + mask
     python benchmarks/decode_throughput.py --suite compile    # eager vs torch.compile'd dense parts
+    python benchmarks/decode_throughput.py --suite step --repeat 3  # dynamic vs static-shape decode step
 
 Random weights (no checkpoint download is possible here); timing does not depend on
 the values. Every case runs in its own process (so peak RSS is the case's own) and
@@ -11,6 +12,9 @@ times one whole generation (prefill + all image tokens, CFG on). `--warmup` firs
 runs an untimed one (its time is `cold_s`); cases whose policy ends in `+compile`
 (ReplicaConfig.compile) always warm up, so compile time is not counted as decode
 time. Ratios are to the first case of each group, measured in the same run.
+`--steps dynamic,static,compiled` runs each case with those decode step modes
+(generate_tokens(step_mode=...)); `--repeat N` runs the whole list N times in
+alternation and reports the median with the min-max spread, for a noisy machine.
 Run on a quiet machine: on 2 cores any other process shows up in the numbers.
 """
 from __future__ import annotations
@@ -33,6 +37,8 @@ SUITES = {
                       policies=["reference", "full"]),
     "compile": dict(presets=["GPT-B"], grids=[16], batches=[4], dtypes=["float32"],
                     policies=["full", "full+compile", "linear:1/6", "linear:1/6+compile"]),
+    "step": dict(presets=["GPT-B"], grids=[16], batches=[4], dtypes=["float32"], policies=["full", "linear:1/6"],
+                 steps=["dynamic", "static"]),
 }
 
 
@@ -57,9 +63,10 @@ def run_case(case: dict) -> dict:
     else:
         cache = new_cache(model, cache_spec(policy), 2 * n_img, True)
     kv_bytes = cache.memory().kv_bytes
-    fn = lambda: generate_tokens(model, cond, seeds, sampling=sampling, cache=cache)  # noqa: E731
+    fn = lambda: generate_tokens(model, cond, seeds, sampling=sampling, cache=cache,  # noqa: E731
+                                 step_mode=case.get("step", "auto"))
     cold = None
-    if case["warmup"]:
+    if case["warmup"] or case.get("step") == "compiled":
         t0 = time.perf_counter()
         fn()
         cold = time.perf_counter() - t0
@@ -77,6 +84,8 @@ def main() -> None:
     ap.add_argument("--suite", choices=SUITES, default="engine")
     ap.add_argument("--presets"), ap.add_argument("--grids"), ap.add_argument("--batches")
     ap.add_argument("--dtypes"), ap.add_argument("--policies")
+    ap.add_argument("--steps", help="decode step modes, e.g. dynamic,static,compiled (default: auto)")
+    ap.add_argument("--repeat", type=int, default=1, help="alternating rounds over all cases (median, min-max)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", action="store_true", help="run one untimed generation first")
     ap.add_argument("--csv", default=None, help="CSV path (default benchmarks/results/decode_<suite>.csv)")
@@ -86,33 +95,48 @@ def main() -> None:
         print(json.dumps(run_case(json.loads(args.case))))
         return
     suite = dict(SUITES[args.suite])
-    for key in ("presets", "grids", "batches", "dtypes", "policies"):
+    suite.setdefault("steps", ["auto"])
+    for key in ("presets", "grids", "batches", "dtypes", "policies", "steps"):
         if getattr(args, key):
             vals = getattr(args, key).split(",")
             suite[key] = [int(v) for v in vals] if key in ("grids", "batches") else vals
     print(f"machine: {machine()}")
     print(f"settings: {suite}, CFG 4.0 (2 rows per image), top-k 2000, random weights, whole generations, "
-          f"{'timed after one warm-up generation' if args.warmup else 'first generation timed'}")
+          f"{'timed after one warm-up generation' if args.warmup else 'first generation timed'}"
+          f"{f', {args.repeat} alternating rounds (median, min-max)' if args.repeat > 1 else ''}")
+    groups = [[dict(preset=preset, grid=grid, batch=batch, dtype=dtype, policy=policy, step=step, threads=args.threads,
+                    warmup=args.warmup or policy.endswith("+compile"))
+               for policy in suite["policies"] for step in suite["steps"]]
+              for preset in suite["presets"] for grid in suite["grids"] for batch in suite["batches"]
+              for dtype in suite["dtypes"]]
+    runs = {}  # case index -> results of every round
+    for rnd in range(args.repeat):
+        for g, group in enumerate(groups):
+            for c, case in enumerate(group):
+                r = run_isolated(__file__, case)
+                runs.setdefault((g, c), []).append(r)
+                print(f"  round {rnd + 1}: {case['preset']} {case['grid']}x{case['grid']} batch {case['batch']} "
+                      f"{case['dtype']} {case['policy']} {case['step']}: {r['tokens_per_s']:.0f} tok/s", flush=True)
     rows = []
-    for preset in suite["presets"]:
-        for grid in suite["grids"]:
-            for batch in suite["batches"]:
-                for dtype in suite["dtypes"]:
-                    base = None
-                    for policy in suite["policies"]:
-                        case = dict(preset=preset, grid=grid, batch=batch, dtype=dtype, policy=policy,
-                                    threads=args.threads,
-                                    warmup=args.warmup or policy.endswith("+compile"))
-                        r = case | run_isolated(__file__, case)
-                        base = base or r
-                        r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
-                        if r.get("kv_mib") and base.get("kv_mib"):
-                            r["kv_ratio"] = r["kv_mib"] / base["kv_mib"]
-                        rows.append(r)
-                        print(f"  {preset} {grid}x{grid} batch {batch} {dtype} {policy}: "
-                              f"{r['tokens_per_s']:.0f} tok/s, {r['images_per_s']:.3f} img/s", flush=True)
-    cols = ["preset", "grid", "batch", "dtype", "policy", "tokens_per_s", "images_per_s", "step_ms", "cold_s", "kv_mib",
-            "peak_rss_mib", "speedup", "kv_ratio"]
+    for g, group in enumerate(groups):
+        base = None
+        for c, case in enumerate(group):
+            rs = runs[g, c]
+            tps = sorted(r["tokens_per_s"] for r in rs)
+            r = case | rs[0] | dict(tokens_per_s=tps[len(tps) // 2], tok_s_min=tps[0], tok_s_max=tps[-1])
+            r["images_per_s"] = r["tokens_per_s"] / (case["grid"] ** 2)
+            r["step_ms"] = 1e3 * case["batch"] / r["tokens_per_s"]
+            base = base or r
+            r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
+            if r.get("kv_mib") and base.get("kv_mib"):
+                r["kv_ratio"] = r["kv_mib"] / base["kv_mib"]
+            if len(suite["steps"]) > 1:  # vs the first step mode of the same policy
+                first = next(x for x in rows + [r] if x["policy"] == case["policy"] and x["preset"] == case["preset"]
+                             and (x["grid"], x["batch"], x["dtype"]) == (case["grid"], case["batch"], case["dtype"]))
+                r["vs_first_step"] = r["tokens_per_s"] / first["tokens_per_s"]
+            rows.append(r)
+    cols = ["preset", "grid", "batch", "dtype", "policy", "step", "tokens_per_s", "tok_s_min", "tok_s_max",
+            "images_per_s", "step_ms", "cold_s", "kv_mib", "peak_rss_mib", "speedup", "kv_ratio", "vs_first_step"]
     print_table(rows, cols, title=f"decode throughput ({args.suite})")
     path = write_csv(rows, args.csv or Path(__file__).parent / "results" / f"decode_{args.suite}.csv")
     print(f"\nwrote {path}")
