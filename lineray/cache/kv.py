@@ -5,10 +5,19 @@ capacity = prefix + visual_capacity. Slots are kept in generation order: the
 condition tokens first, then the surviving visual tokens, then the line being
 written. Nothing is evicted while a line is generated; at the end of a line the
 policy keeps the anchors, the newest `recent_lines` lines and the best-scoring
-tokens of the middle, and compacts them to the front with one gather. Keys are
-stored after RoPE, so survivors keep their true positions.
+tokens of the middle, and compacts them to the front, one layer at a time (the
+gather's temporary is one layer's K, not the whole cache's). Keys are stored after
+RoPE, so survivors keep their true positions.
 
-This module sees only the heads it is given (a tensor-parallel rank's own heads).
+Two ways to run a decode step. `attend` + `advance` (dynamic): attention reads only
+the filled slots, counters are Python ints. `attend_static` + `advance_static`
+(static): slots are written by index at the device counter `fill`, attention runs
+over all `capacity` slots with a mask (`step_bias`), nothing goes back to the host,
+so the step has one shape per batch size and can be compiled or captured as a CUDA
+graph; `commit_static` then does the host side (counters, eviction at a line end).
+
+This module sees only the heads it is given (a tensor-parallel rank's own heads);
+head-aggregated selection sums the scores over the group with `reduce_scores`.
 """
 from __future__ import annotations
 
@@ -144,7 +153,9 @@ class KVCache:
 
     def advance_static(self) -> None:
         """Inside the static step, after all layers: record the token's grid index, count it."""
-        self.pos.index_fill_(3, self.fill.view(1), self.written.to(torch.int32))
+        # index_copy_, not index_fill_: a tensor fill value is read back to the host (.item()).
+        grid_index = self.written.to(torch.int32).expand(*self.pos.shape[:3], 1)
+        self.pos.index_copy_(3, self.fill.view(1), grid_index)
         self.fill.add_(1)
         self.written.add_(1)
 
