@@ -5,6 +5,7 @@ import torch
 from lineray.cache import CacheConfigError, CacheSpec, KVCache
 from lineray.kernels.sampling import SamplingConfig
 from lineray.models.generate import Condition, generate_tokens
+from lineray.models.sizing import peak_allocated_bytes
 from conftest import tiny_model
 
 SAMPLING = SamplingConfig(cfg_scale=3.0, top_k=50)
@@ -242,26 +243,6 @@ def test_planned_kv_bytes_equal_the_allocated_cache(spec):
     plan = memory_plan(model.config, spec, torch.float32)
     assert plan.kv_bytes_per_image * 3 == cache.memory().kv_bytes
     assert plan.meta_bytes_per_image * 3 == cache.memory().meta_bytes
-
-
-def peak_allocated_bytes(fn) -> int:
-    """Peak of the CPU tensor bytes allocated while fn runs, above what was live before, from the
-    profiler's record of every allocation and free (temporaries inside ops included)."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    sizes, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        e = stack.pop()
-        stack.extend(e.children)
-        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
-            sizes.append((e.start_time_ns, e.extra_fields.alloc_size))  # negative: a free
-    live = peak = 0
-    for _, n in sorted(sizes):
-        live += n
-        peak = max(peak, live)
-    return peak
 
 
 def some_condition(model, n):

@@ -94,6 +94,30 @@ def largest_batch(cfg: GPTConfig, cache: CacheSpec, budget_bytes: int, dtype: to
     return memory_plan(cfg, cache, dtype, cfg_rows=cfg_rows, tp=tp).max_batch(budget_bytes)
 
 
+def peak_allocated_bytes(fn) -> int:
+    """Measure: the peak of CPU tensor bytes allocated while fn() runs, above what was live before.
+
+    From the profiler's record of every allocation and free (temporaries inside ops included;
+    frees of tensors allocated before fn are not seen, so create what you measure inside it).
+    Slows fn down several times: for tests and benchmarks.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    sizes, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+            sizes.append((e.start_time_ns, e.extra_fields.alloc_size))  # negative: a free
+    live = peak = 0
+    for _, n in sorted(sizes):
+        live += n
+        peak = max(peak, live)
+    return peak
+
+
 def part(n: int, tp: int) -> int:
     """Rank 0's share of n items split over tp ranks (TPGroup.part: the first ranks get the extra)."""
     return -(-n // tp)
