@@ -166,8 +166,9 @@ class Transformer(nn.Module):
     def compile_dense(self) -> "Transformer":
         """torch.compile the dense per-token work of every block (norms, gate/up/down).
 
-        Attention and the KV cache stay eager: their shapes change every step and the
-        eviction bookkeeping is Python. dynamic=True: one graph serves every batch size.
+        Attention and the KV cache stay eager here (the dynamic step's shapes change every
+        step); to compile the whole static-shape step instead, use
+        generate_tokens(step_mode="compiled"). dynamic=True: one graph serves every batch size.
         Off by default (ReplicaConfig.compile): the first batch pays the compile time.
         """
         for layer in self.layers:
