@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # name: (R, H, n, D, dtype, with bias, with scores, block_n, splits). Small: the interpreter is slow.
 # bias "shared": one [1, 1, 1, n] mask for every row (the static step's slot mask).
+# VISIBLE: cases run like the static step: slots from `visible` on are masked and hold NaN; the
+# kernel is told the count and must not read them (the torch reference gets clean values).
 CASES = {
     "n1_scores": (2, 2, 1, 16, "float32", False, True, 16, 1),
     "ragged_bias_scores": (2, 3, 37, 24, "float32", True, True, 16, 1),  # n % block != 0, D not a power of 2
@@ -32,7 +34,9 @@ CASES = {
     "split3_bias_scores": (2, 3, 37, 24, "float32", True, True, 16, 3),
     "split2_no_scores": (1, 1, 70, 16, "float32", False, False, 16, 2),
     "split8_shared_bias_scores": (2, 2, 40, 16, "bfloat16", "shared", True, 8, 8),
+    "static_step_visible": (2, 2, 40, 16, "float32", "shared", True, 8, 3),
 }
+VISIBLE = {"static_step_visible": 30}  # chunks of 16: masked, partly visible, not read
 # (output vs same-dtype torch path, output vs fp32 reference, scores vs torch path)
 # Low precision: the torch path also rounds logits and probs to the input dtype. The interpreter
 # (3.9) casts fp32 -> bf16 by truncation, not round-to-nearest as on a GPU: up to 2^-7 relative.
@@ -70,10 +74,16 @@ def _run_interpreter_cases() -> dict:
     results = {}
     for name, (R, H, n, D, dtype, with_bias, with_scores, block_n, splits) in CASES.items():
         q, k, v, bias, scores = _make_case(R, H, n, D, dtype, with_bias, with_scores)
+        kt, vt, visible = k, v, None
+        if name in VISIBLE:
+            bias[..., VISIBLE[name]:] = float("-inf")
+            kt, vt = k.clone(), v.clone()
+            kt[:, :, VISIBLE[name]:] = vt[:, :, VISIBLE[name]:] = float("nan")
+            visible = torch.tensor(VISIBLE[name])
         s_ref = None if scores is None else scores.clone()
         s_buf = None if scores is None else scores._base.clone()  # whole buffer: the view's outside must not change
         s_tri = None if scores is None else s_buf[1, :, :, :n]
-        out = attend_triton(q, k, v, bias, s_tri, block_n=block_n, num_splits=splits)
+        out = attend_triton(q, kt, vt, bias, s_tri, block_n=block_n, num_splits=splits, n_visible=visible)
         ref = attend_torch(q, k, v, bias, s_ref)
         ref32 = attend_torch(q.float(), k.float(), v.float(), bias)
         res = {
@@ -128,10 +138,10 @@ def test_triton_kernel_compiles_for_a_gpu(monkeypatch, tmp_path):
     from lineray.kernels import triton_attention as ta
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    flags = {"HAS_BIAS": True, "BLOCK_N": 32, "BLOCK_D": 64}
+    flags = {"HAS_BIAS": True, "HAS_LIMIT": True, "BLOCK_N": 32, "BLOCK_D": 64}
     fp32 = {"bias_ptr", "scores_ptr", "m_ptr", "l_ptr", "acc_ptr"}
     for kernel in (ta._decode_attention_kernel, ta._add_probabilities_kernel):
-        sig = {a: "constexpr" if a in flags else "fp32" if a == "scale" else
+        sig = {a: "constexpr" if a in flags else "fp32" if a == "scale" else "*i64" if a == "limit_ptr" else
                ("*fp32" if a in fp32 else "*bf16") if a.endswith("_ptr") else "i32"
                for a in kernel.arg_names}
         src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=flags)

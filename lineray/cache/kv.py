@@ -149,7 +149,7 @@ class KVCache:
         self.k[layer].index_copy_(2, slot, k)
         self.v[layer].index_copy_(2, slot, v)
         scores = None if self.scores is None else self.scores[layer]
-        return attend(q, self.k[layer], self.v[layer], bias, scores)
+        return attend(q, self.k[layer], self.v[layer], bias, scores, n_visible=self.fill + 1)
 
     def advance_static(self) -> None:
         """Inside the static step, after all layers: record the token's grid index, count it."""

@@ -11,6 +11,11 @@ Without a score buffer that is the only pass over K. With one (LineAR and H2O ac
 the attention probabilities) a second kernel re-reads K once per chunk to add the exact
 normalised probabilities, which need the merged max and sum; it does not read V.
 
+The static-shape step attends over the whole cache capacity with a mask; it also passes
+its fill count as a device tensor (`n_visible`), and the kernels stop reading keys there, so
+the fixed shape costs no memory traffic for the empty slots (and the launch grid stays fixed,
+which a CUDA graph needs).
+
 Offsets are computed in int64: a whole-image cache of a large batch holds more than 2^31
 elements. Importing this module needs triton; `attention.py` imports it lazily and only for
 CUDA tensors (or tests running the interpreter, TRITON_INTERPRET=1).
@@ -39,14 +44,23 @@ def _logits(q, k_base, offs_n, offs_d, mask_d, end, scale, sk_n, sk_d, bias_row,
 
 
 @triton.jit
+def _visible(n, limit_ptr, HAS_LIMIT: tl.constexpr):
+    """Keys that can be visible: n, or fewer when a device count is given (the static step
+    attends over the whole capacity; the empty slots past its fill count are never read)."""
+    if HAS_LIMIT:
+        return tl.minimum(n, tl.load(limit_ptr).to(tl.int32))
+    return n
+
+
+@triton.jit
 def _decode_attention_kernel(
-    q_ptr, k_ptr, v_ptr, bias_ptr, m_ptr, l_ptr, acc_ptr,
+    q_ptr, k_ptr, v_ptr, bias_ptr, limit_ptr, m_ptr, l_ptr, acc_ptr,
     n, head_dim, scale, chunk,
     sq_r, sq_h, sq_d,
     sk_r, sk_h, sk_n, sk_d,
     sv_r, sv_h, sv_n, sv_d,
     sb_r, sb_n,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One pass over the keys [split * chunk, (split + 1) * chunk): partial m, l and acc."""
     r = tl.program_id(0).to(tl.int64)
@@ -59,7 +73,7 @@ def _decode_attention_kernel(
     k_base = k_ptr + r * sk_r + h * sk_h
     v_base = v_ptr + r * sv_r + h * sv_h
     start_n = split * chunk
-    end_n = tl.minimum(start_n + chunk, n)
+    end_n = tl.minimum(start_n + chunk, _visible(n, limit_ptr, HAS_LIMIT))
     # m starts finite, not -inf, so a block whose keys are all masked gives exp(-inf - m) = 0
     # instead of exp(-inf + inf) = nan; a chunk with no visible key ends with l = 0.
     m = tl.full((), -1.0e30, tl.float32)
@@ -85,13 +99,13 @@ def _decode_attention_kernel(
 
 @triton.jit
 def _add_probabilities_kernel(
-    q_ptr, k_ptr, bias_ptr, m_ptr, l_ptr, scores_ptr,
+    q_ptr, k_ptr, bias_ptr, limit_ptr, m_ptr, l_ptr, scores_ptr,
     n, head_dim, scale, chunk,
     sq_r, sq_h, sq_d,
     sk_r, sk_h, sk_n, sk_d,
     sb_r, sb_n,
     ss_r, ss_h, ss_n,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """scores += softmax probabilities of one chunk, from the merged max m and sum l of its (row, head)."""
     r = tl.program_id(0).to(tl.int64)
@@ -105,7 +119,7 @@ def _add_probabilities_kernel(
     m = tl.load(m_ptr + row_head)
     inv_l = 1.0 / tl.load(l_ptr + row_head)
     start_n = split * chunk
-    end_n = tl.minimum(start_n + chunk, n)
+    end_n = tl.minimum(start_n + chunk, _visible(n, limit_ptr, HAS_LIMIT))
     for start in range(start_n, end_n, BLOCK_N):
         offs_n = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
         logits = _logits(q, k_base, offs_n, offs_d, mask_d, end_n, scale, sk_n, sk_d,
@@ -125,14 +139,17 @@ def default_splits(rows_heads: int, n: int, block_n: int, device: torch.device) 
 def attend_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   bias: torch.Tensor | None = None,
                   scores_out: torch.Tensor | None = None,
-                  block_n: int = 32, num_splits: int | None = None) -> torch.Tensor:
+                  block_n: int = 32, num_splits: int | None = None,
+                  n_visible: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention with the Triton kernels; same contract as `attention.attend`.
 
     q [R, H, 1, D]; k, v [R, H, n, D] (any strides); bias [R or 1, 1, 1, n] additive or None;
     scores_out [R, H, n] fp32, probabilities added into it when given. Returns [R, H, 1, D]
     in q's dtype. block_n: keys per loop step, a power of two (32 with D=64 keeps the
     registers of this memory-bound loop low on sm_80). num_splits: chunks of the sequence,
-    each its own program (default: enough to fill the GPU).
+    each its own program (default: enough to fill the GPU). n_visible: a 0-dim integer device
+    tensor; keys from there on are not read (the bias must hide them too, as the torch path
+    reads them).
     """
     R, H, one, D = q.shape
     n = k.size(2)
@@ -153,10 +170,11 @@ def attend_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # all rows (the static step's slot mask) has row stride 0.
     b = bias if bias is not None else q
     sb = (bias.stride(0) if bias.size(0) > 1 else 0, bias.stride(3)) if bias is not None else (0, 0)
-    common = dict(HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+    limit = n_visible if n_visible is not None else m
+    common = dict(HAS_BIAS=bias is not None, HAS_LIMIT=n_visible is not None, BLOCK_N=block_n, BLOCK_D=block_d,
                   enable_fp_fusion=True)  # explicit: Triton 3.9 warns when unset and 3.10 flips the default
     _decode_attention_kernel[(R, H, splits)](
-        q, k, v, b, m, l, acc,
+        q, k, v, b, limit, m, l, acc,
         n, D, 1.0 / math.sqrt(D), chunk,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *sb, **common)
     # Merge the splits: rescale each partial to the common max.
@@ -166,7 +184,7 @@ def attend_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = (acc[..., :D] * w.unsqueeze(-1)).sum(dim=-2) / l_all.unsqueeze(-1)
     if scores_out is not None:
         _add_probabilities_kernel[(R, H, splits)](
-            q, k, b, m_all.contiguous(), l_all.contiguous(), scores_out,
+            q, k, b, limit, m_all.contiguous(), l_all.contiguous(), scores_out,
             n, D, 1.0 / math.sqrt(D), chunk,
             q.stride(0), q.stride(1), q.stride(3), *k.stride(), *sb, *scores_out.stride(), **common)
     return out.unsqueeze(2).to(q.dtype)
