@@ -144,8 +144,8 @@ class CUDAGraphStep:
     """decode_step captured as one CUDA graph for a cache (its rows) and a sampling config; replayed
     with new tokens and uniforms copied into its static input buffers.
 
-    Capture runs the step (warm-up) on the live cache, so it is built before a batch's `cache.reset`.
-    Graphs live in `cache.graphs` and go with the cache (a new batch size allocates a new cache).
+    Capture runs the step (warm-up) on the live cache, which is reset afterwards. Graphs live in
+    `cache.graphs` and go with the cache's tensors (KVCache.resize drops them).
     """
 
     def __init__(self, model: Transformer, cache: KVCache, n_img: int, sampling: SamplingConfig):
@@ -173,6 +173,19 @@ class CUDAGraphStep:
         self.tokens.copy_(tokens)
         self.graph.replay()
         return self.out
+
+
+def static_step(mode: str, model: Transformer, cache: KVCache, uniforms: torch.Tensor, sampling: SamplingConfig,
+                compile_backend: str = "inductor"):
+    """tokens -> (guided logits, next tokens) for a static step mode, or None for "dynamic"."""
+    if mode == "dynamic":
+        return None
+    if mode == "cuda_graph":
+        graph = CUDAGraphStep.for_batch(model, cache, uniforms.size(0), sampling)
+        graph.uniforms.copy_(uniforms)
+        return graph
+    fn = compiled_decode_step(compile_backend) if mode == "compiled" else decode_step
+    return lambda tokens: fn(model, cache, tokens, uniforms, sampling)
 
 
 @torch.inference_mode()
@@ -206,26 +219,23 @@ def generate_tokens(model: Transformer, cond: Condition, seeds: list[int] | None
         cache = new_cache(model, cache_spec, x.size(0), sampling.uses_cfg)
     else:
         cache.resize(x.size(0), sampling.uses_cfg)
-    mode = resolve_step_mode(step_mode, device, cache)
     cache.reset(key_mask)
-    if mode == "cuda_graph":
-        graph = CUDAGraphStep.for_batch(model, cache, n_img, sampling)
-        graph.uniforms.copy_(uniforms)
+    step = static_step(resolve_step_mode(step_mode, device, cache), model, cache, uniforms, sampling,
+                       compile_backend)
+    if isinstance(step, CUDAGraphStep):
         cache.reset(key_mask)  # a first capture ran the step on the cache
     tokens = torch.empty(n_img, n_tok, dtype=torch.long, device=device)
     all_logits = torch.empty(n_img, n_tok, cfg.vocab_size, device=device) if return_logits else None
-    guided = guided_logits(model.prefill(x, cache), n_img, 0, sampling)
-    tok = sample(guided, uniforms[:, 0], sampling)
+    logits = model.prefill(x, cache)
     for i in range(n_tok):
-        if i > 0:
-            if mode == "dynamic":
+        if i == 0 or step is None:  # after the prefill, and every dynamic step
+            if i > 0:
                 logits = model.decode(torch.cat([tok, tok]) if sampling.uses_cfg else tok, i - 1, cache)
-                guided = guided_logits(logits, n_img, i, sampling)
-                tok = sample(guided, uniforms[:, i], sampling)
-            else:
-                step = compiled_decode_step(compile_backend) if mode == "compiled" else decode_step
-                guided, tok = graph(tok) if mode == "cuda_graph" else step(model, cache, tok, uniforms, sampling)
-                cache.commit_static()
+            guided = guided_logits(logits, n_img, i, sampling)
+            tok = sample(guided, uniforms[:, i], sampling)
+        else:
+            guided, tok = step(tok)
+            cache.commit_static()
         if teacher_tokens is not None:
             tok = teacher_tokens[:, i].to(device)
         tokens[:, i] = tok
