@@ -42,6 +42,10 @@ SUITES = {
 }
 
 
+class StopGeneration(Exception):
+    """Raised from on_step to time only the first --tokens tokens of a generation."""
+
+
 def run_case(case: dict) -> dict:
     import torch
 
@@ -63,8 +67,18 @@ def run_case(case: dict) -> dict:
     else:
         cache = new_cache(model, cache_spec(policy), 2 * n_img, True)
     kv_bytes = cache.memory().kv_bytes
-    fn = lambda: generate_tokens(model, cond, seeds, sampling=sampling, cache=cache,  # noqa: E731
-                                 step_mode=case.get("step", "auto"))
+    n_tok = case.get("tokens") or model.config.image_tokens
+
+    def stop_early(i):
+        if i + 1 == n_tok and n_tok < model.config.image_tokens:
+            raise StopGeneration
+
+    def fn():
+        try:
+            generate_tokens(model, cond, seeds, sampling=sampling, cache=cache, step_mode=case.get("step", "auto"),
+                            on_step=stop_early)
+        except StopGeneration:
+            pass
     cold = None
     if case["warmup"] or case.get("step") == "compiled":
         t0 = time.perf_counter()
@@ -74,8 +88,8 @@ def run_case(case: dict) -> dict:
     fn()
     dt = time.perf_counter() - t0
     print(f"case done: cold {cold or 0:.1f}s, timed {dt:.1f}s", file=sys.stderr)
-    n_tok = model.config.image_tokens
-    return dict(tokens_per_s=n_img * n_tok / dt, images_per_s=n_img / dt, seconds=dt, step_ms=dt / n_tok * 1e3,
+    return dict(tokens_per_s=n_img * n_tok / dt, images_per_s=n_img * n_tok / model.config.image_tokens / dt,
+                seconds=dt, step_ms=dt / n_tok * 1e3,
                 cold_s=cold, kv_mib=None if kv_bytes is None else kv_bytes / 2**20, peak_rss_mib=peak_rss_mib())
 
 
@@ -86,6 +100,8 @@ def main() -> None:
     ap.add_argument("--dtypes"), ap.add_argument("--policies")
     ap.add_argument("--steps", help="decode step modes, e.g. dynamic,static,compiled (default: auto)")
     ap.add_argument("--repeat", type=int, default=1, help="alternating rounds over all cases (median, min-max)")
+    ap.add_argument("--tokens", type=int, default=None,
+                    help="time only the first N image tokens of each generation (default: all)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", action="store_true", help="run one untimed generation first")
     ap.add_argument("--csv", default=None, help="CSV path (default benchmarks/results/decode_<suite>.csv)")
@@ -105,7 +121,7 @@ def main() -> None:
           f"{'timed after one warm-up generation' if args.warmup else 'first generation timed'}"
           f"{f', {args.repeat} alternating rounds (median, min-max)' if args.repeat > 1 else ''}")
     groups = [[dict(preset=preset, grid=grid, batch=batch, dtype=dtype, policy=policy, step=step, threads=args.threads,
-                    warmup=args.warmup or policy.endswith("+compile"))
+                    warmup=args.warmup or policy.endswith("+compile"), tokens=args.tokens)
                for policy in suite["policies"] for step in suite["steps"]]
               for preset in suite["presets"] for grid in suite["grids"] for batch in suite["batches"]
               for dtype in suite["dtypes"]]
@@ -124,7 +140,7 @@ def main() -> None:
             rs = runs[g, c]
             tps = sorted(r["tokens_per_s"] for r in rs)
             r = case | rs[0] | dict(tokens_per_s=tps[len(tps) // 2], tok_s_min=tps[0], tok_s_max=tps[-1])
-            r["images_per_s"] = r["tokens_per_s"] / (case["grid"] ** 2)
+            r["images_per_s"] = r["tokens_per_s"] / (case["grid"] ** 2)  # at this token rate
             r["step_ms"] = 1e3 * case["batch"] / r["tokens_per_s"]
             base = base or r
             r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
