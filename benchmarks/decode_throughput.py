@@ -14,7 +14,9 @@ runs an untimed one (its time is `cold_s`); cases whose policy ends in `+compile
 time. Ratios are to the first case of each group, measured in the same run.
 `--steps dynamic,static,compiled` runs each case with those decode step modes
 (generate_tokens(step_mode=...)); `--repeat N` runs the whole list N times in
-alternation and reports the median with the min-max spread, for a noisy machine.
+alternation and reports the median with the min-max spread, for a noisy machine;
+`--interleave` alternates the step modes inside one process per policy (same model,
+same cache), which cancels most of the load other processes put on a shared machine.
 Run on a quiet machine: on 2 cores any other process shows up in the numbers.
 """
 from __future__ import annotations
@@ -73,12 +75,21 @@ def run_case(case: dict) -> dict:
         if i + 1 == n_tok and n_tok < model.config.image_tokens:
             raise StopGeneration
 
-    def fn():
+    def fn(step_mode=case.get("step", "auto")):
         try:
-            generate_tokens(model, cond, seeds, sampling=sampling, cache=cache, step_mode=case.get("step", "auto"),
+            generate_tokens(model, cond, seeds, sampling=sampling, cache=cache, step_mode=step_mode,
                             on_step=stop_early)
         except StopGeneration:
             pass
+
+    if "interleave" in case:  # every step mode on this one model, alternating, round after round
+        rates = {mode: [] for mode in case["interleave"]}
+        for _ in range(case["rounds"]):
+            for mode in rates:
+                t0 = time.perf_counter()
+                fn(mode)
+                rates[mode].append(n_img * n_tok / (time.perf_counter() - t0))
+        return dict(rates=rates, kv_mib=kv_bytes / 2**20, peak_rss_mib=peak_rss_mib())
     cold = None
     if case["warmup"] or case.get("step") == "compiled":
         t0 = time.perf_counter()
@@ -100,6 +111,8 @@ def main() -> None:
     ap.add_argument("--dtypes"), ap.add_argument("--policies")
     ap.add_argument("--steps", help="decode step modes, e.g. dynamic,static,compiled (default: auto)")
     ap.add_argument("--repeat", type=int, default=1, help="alternating rounds over all cases (median, min-max)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="run a policy's --steps in one process, alternating each round (robust to a busy machine)")
     ap.add_argument("--tokens", type=int, default=None,
                     help="time only the first N image tokens of each generation (default: all)")
     ap.add_argument("--threads", type=int, default=2)
@@ -126,7 +139,17 @@ def main() -> None:
               for preset in suite["presets"] for grid in suite["grids"] for batch in suite["batches"]
               for dtype in suite["dtypes"]]
     runs = {}  # case index -> results of every round
-    for rnd in range(args.repeat):
+    if args.interleave:  # one process per policy runs all its step modes in turn
+        for g, group in enumerate(groups):
+            for c, case in enumerate(group):
+                if c % len(suite["steps"]):
+                    continue
+                out = run_isolated(__file__, case | dict(interleave=suite["steps"], rounds=args.repeat))
+                for k, mode in enumerate(suite["steps"]):
+                    runs[g, c + k] = [dict(out, tokens_per_s=t) for t in out["rates"][mode]]
+                print(f"  {case['policy']}: " + ", ".join(f"{m} {sorted(v)}" for m, v in out["rates"].items()),
+                      flush=True)
+    for rnd in range(0 if args.interleave else args.repeat):
         for g, group in enumerate(groups):
             for c, case in enumerate(group):
                 r = run_isolated(__file__, case)
@@ -139,7 +162,7 @@ def main() -> None:
         for c, case in enumerate(group):
             rs = runs[g, c]
             tps = sorted(r["tokens_per_s"] for r in rs)
-            r = case | rs[0] | dict(tokens_per_s=tps[len(tps) // 2], tok_s_min=tps[0], tok_s_max=tps[-1])
+            r = case | rs[0] | dict(tokens_per_s=tps[(len(tps) - 1) // 2], tok_s_min=tps[0], tok_s_max=tps[-1])
             r["images_per_s"] = r["tokens_per_s"] / (case["grid"] ** 2)  # at this token rate
             r["step_ms"] = 1e3 * case["batch"] / r["tokens_per_s"]
             base = base or r
