@@ -2,11 +2,16 @@
 
     python benchmarks/max_batch.py [--kv-cap-gib 8] [--device-gib 80] [--grid 24] [--verify]
     python benchmarks/max_batch.py --measure --kv-cap-gib 0.5 --dtype float32 --measure-policies full,linear:1/6
+    python benchmarks/max_batch.py --peak --grid 12 --dtype float32 --measure-policies full,linear:1/6,heavy_hitter:1/6
 
 K/V memory is static and preallocated, so it is exact arithmetic (checked against a
 real allocation with --verify). Two caps: a pure K/V cap (the issue's "8 GiB of K/V")
 and a whole-device budget (weights + K/V + per-step activations), the latter being
 what jobs use to pick their default batch size.
+
+--peak runs GPT-B (random weights, 2 images, CFG) once per policy under the profiler and
+compares the planned memory (K/V + metadata + activations + prefill/eviction temporaries)
+with the measured peak of tensor allocations (`sizing.peak_allocated_bytes`).
 
 --measure then runs GPT-B at each policy's largest batch under the K/V cap (one whole
 generation each, in its own process, via decode_throughput.py): the throughput a
@@ -39,7 +44,8 @@ def main() -> None:
     ap.add_argument("--verify", action="store_true", help="allocate GPT-B caches and compare with the plan")
     ap.add_argument("--measure", action="store_true",
                     help="run GPT-B at each policy's largest batch under --kv-cap-gib and compare throughput")
-    ap.add_argument("--measure-policies", default="full,linear:1/6")
+    ap.add_argument("--measure-policies", default="full,linear:1/6", help="policies for --measure and --peak")
+    ap.add_argument("--peak", action="store_true", help="GPT-B planned vs measured peak memory per policy")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--csv", default=str(Path(__file__).parent / "results" / "max_batch.csv"))
     args = ap.parse_args()
@@ -73,8 +79,34 @@ def main() -> None:
                   f"{'OK' if got == want else 'MISMATCH'}")
             del cache
     print(f"\nwrote {write_csv(rows, args.csv)}")
+    if args.peak:
+        peak(args, dtype)
     if args.measure:
         measure(args, dtype)
+
+
+def peak(args, dtype: torch.dtype, n_img: int = 2) -> None:
+    """Planned vs measured peak of one whole generation (prefill, every step, every eviction)."""
+    from lineray.kernels.sampling import SamplingConfig
+    from lineray.models.generate import Condition, generate_tokens
+    from lineray.models.sizing import peak_allocated_bytes
+    from lineray.models.spec import ModelSpec
+    torch.set_num_threads(args.threads)
+    model = ModelSpec(preset="GPT-B", checkpoint=None, decoder=None, grid_size=args.grid,
+                      dtype=args.dtype).build_model()
+    cond, seeds = Condition.classes(list(range(n_img))), list(range(n_img))
+    rows = []
+    for policy in args.measure_policies.split(","):
+        spec = cache_spec(policy)
+        plan = memory_plan(model.config, spec, dtype)
+        measured = peak_allocated_bytes(lambda: generate_tokens(model, cond, seeds, sampling=SamplingConfig(top_k=2000),
+                                                                cache_spec=spec))
+        planned = plan.bytes_per_image * n_img
+        rows.append(dict(policy=policy, kv_mib=plan.kv_bytes_per_image * n_img / 2**20, planned_mib=planned / 2**20,
+                         measured_mib=measured / 2**20, measured_vs_planned=measured / planned))
+        print(f"  {policy}: planned {planned / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB", flush=True)
+    print_table(rows, list(rows[0]), title=f"GPT-B {args.grid}x{args.grid} {args.dtype}, {n_img} images with CFG: "
+                                           f"planned vs measured peak (beside the weights)")
 
 
 def measure(args, dtype: torch.dtype) -> None:

@@ -5,6 +5,7 @@ import torch
 from lineray.cache import CacheConfigError, CacheSpec, KVCache
 from lineray.kernels.sampling import SamplingConfig
 from lineray.models.generate import Condition, generate_tokens
+from lineray.models.sizing import peak_allocated_bytes
 from conftest import tiny_model
 
 SAMPLING = SamplingConfig(cfg_scale=3.0, top_k=50)
@@ -242,6 +243,63 @@ def test_planned_kv_bytes_equal_the_allocated_cache(spec):
     plan = memory_plan(model.config, spec, torch.float32)
     assert plan.kv_bytes_per_image * 3 == cache.memory().kv_bytes
     assert plan.meta_bytes_per_image * 3 == cache.memory().meta_bytes
+
+
+def some_condition(model, n):
+    cfg = model.config
+    if cfg.model_type == "c2i":
+        return Condition.classes([i % cfg.num_classes for i in range(n)])
+    mask = torch.ones(n, cfg.cls_token_num, dtype=torch.bool)
+    mask[0, :3] = False
+    return Condition(captions=torch.randn(n, cfg.cls_token_num, cfg.caption_dim), caption_mask=mask)
+
+
+@pytest.mark.parametrize("model_type,spec", [
+    ("c2i", CacheSpec()), ("c2i", CacheSpec("linear", rho=1 / 4, pool=3)),
+    ("c2i", CacheSpec("heavy_hitter", rho=1 / 4)), ("t2i", CacheSpec("linear", rho=1 / 4, head_aggregate=True))])
+def test_planned_memory_covers_the_measured_peak(model_type, spec):
+    """Cache + every temporary of a whole batch (prefill, steps, line-end evictions) stays within the
+    plan, and the plan is not padded into uselessness. 6 layers: an eviction that gathered all layers
+    at once (as it once did) would overshoot."""
+    from lineray.models.sizing import memory_plan
+    model = tiny_model(8, model_type, n_layer=6)
+    n = 4
+    cond = some_condition(model, n)
+    measured = peak_allocated_bytes(lambda: generate_tokens(model, cond, list(range(n)), sampling=SAMPLING,
+                                                            cache_spec=spec))
+    planned = memory_plan(model.config, spec, torch.float32, tp=1).bytes_per_image * n
+    assert 0.6 * planned <= measured <= planned, (measured, planned)
+
+
+def test_a_cache_for_another_batch_size_frees_the_old_one_first():
+    from lineray.models.generate import new_cache
+    from lineray.models.sizing import memory_plan
+    model, spec = tiny_model(8, n_layer=6), CacheSpec("linear", rho=1 / 4)
+
+    def two_batches():  # the profiler sees a free only of what it saw allocated: both inside
+        cache = new_cache(model, spec, rows=2 * 3, use_cfg=True)
+        generate_tokens(model, some_condition(model, 3), [1, 2, 3], sampling=SAMPLING, cache=cache)
+        generate_tokens(model, some_condition(model, 5), list(range(5)), sampling=SAMPLING, cache=cache)
+        assert cache.rows == 10
+
+    assert peak_allocated_bytes(two_batches) <= memory_plan(model.config, spec, torch.float32).bytes_per_image * 5
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("name,model_type", [("GPT-B", "c2i"), ("GPT-tiny", "t2i")])
+def test_planned_weights_are_what_a_rank_holds(name, model_type, tp):
+    """Split layers are divided by tp, embeddings and norms are whole on every rank, RoPE is fp32."""
+    from lineray.models.config import preset
+    from lineray.models.layers import TPGroup
+    from lineray.models.llamagen import Transformer
+    from lineray.models.sizing import memory_plan
+    cfg = preset(name, model_type=model_type)
+    with torch.device("meta"):
+        rank0 = Transformer(cfg, TPGroup(rank=0, size=tp)).to(torch.bfloat16)
+    held = sum(t.numel() * t.element_size() for t in [*rank0.parameters(), *rank0.buffers()])
+    assert memory_plan(cfg, CacheSpec(), torch.bfloat16, tp=tp).weights_bytes == held
+    if name == "GPT-B" and tp == 2:  # fp32: 237 MiB, not 211 (the embeddings are not split)
+        assert round(memory_plan(cfg, CacheSpec(), torch.float32, tp=2).weights_bytes / 2**20) == 237
 
 
 def test_largest_batch_under_a_cap_grows_with_compression():

@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+from lineray.cache import CacheSpec
 from lineray.kernels.sampling import SamplingConfig, guided_logits, image_uniforms, sample
 from lineray.models.generate import Condition, GenerationError, generate_tokens
 from conftest import tiny_model
@@ -136,3 +137,28 @@ def test_compiled_dense_parts_match_eager():
     a = generate_tokens(eager, cond, seeds, sampling=s, return_logits=True)
     b = generate_tokens(compiled, cond, [5, 6, 7], sampling=s, teacher_tokens=a.tokens, return_logits=True)
     torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type,spec", [("c2i", CacheSpec("linear", lines=3, pool=3)), ("t2i", CacheSpec())])
+def test_static_decode_step_compiles_without_graph_breaks(model_type, spec):
+    """The whole static step (all layers, guidance, sampling) is one graph: fullgraph=True raises on
+    any break. aot_eager traces and functionalises it like inductor does, without the C++ codegen
+    (benchmarks/decode_throughput.py runs inductor). Same tokens as the eager static step."""
+    model = tiny_model(8, model_type)
+    cfg = model.config
+    cond = Condition.classes([1, 2]) if model_type == "c2i" else \
+        Condition(captions=torch.randn(2, cfg.cls_token_num, cfg.caption_dim),
+                  caption_mask=torch.arange(cfg.cls_token_num).expand(2, -1) >= torch.tensor([[3], [0]]))
+    s = SamplingConfig(cfg_scale=2.0, top_k=40, top_p=0.9, cfg_interval=30)
+    eager = generate_tokens(model, cond, [3, 4], sampling=s, cache_spec=spec, step_mode="static")
+    torch._dynamo.reset()
+    compiled = generate_tokens(model, cond, [3, 4], sampling=s, cache_spec=spec, step_mode="compiled",
+                               compile_backend="aot_eager")
+    assert torch.equal(compiled.tokens, eager.tokens)
+
+
+def test_step_modes_are_checked():
+    with pytest.raises(GenerationError, match="unknown decode step mode 'fast'"):
+        generate_tokens(tiny_model(4), Condition.classes([1]), [1], step_mode="fast")
+    with pytest.raises(GenerationError, match="cuda_graph needs a CUDA device"):
+        generate_tokens(tiny_model(4), Condition.classes([1]), [1], step_mode="cuda_graph")

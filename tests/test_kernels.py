@@ -19,15 +19,24 @@ from lineray.kernels.attention import attend, attend_sdpa, attend_torch, attenti
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name: (R, H, n, D, dtype, with bias, with scores, block_n). Small: the interpreter is slow.
+# name: (R, H, n, D, dtype, with bias, with scores, block_n, splits). Small: the interpreter is slow.
+# bias "shared": one [1, 1, 1, n] mask for every row (the static step's slot mask).
+# VISIBLE: cases run like the static step: slots from `visible` on are masked and hold NaN; the
+# kernel is told the count and must not read them (the torch reference gets clean values).
 CASES = {
-    "n1_scores": (2, 2, 1, 16, "float32", False, True, 16),
-    "ragged_bias_scores": (2, 3, 37, 24, "float32", True, True, 16),  # n % block != 0, D not a power of 2
-    "exact_blocks_bias": (1, 2, 32, 16, "float32", True, False, 16),
-    "one_partial_block": (3, 2, 50, 32, "float32", False, False, 64),
-    "bf16_bias_scores": (2, 2, 37, 32, "bfloat16", True, True, 16),
-    "fp16_scores": (2, 2, 20, 16, "float16", False, True, 16),
+    "n1_scores": (2, 2, 1, 16, "float32", False, True, 16, 1),
+    "ragged_bias_scores": (2, 3, 37, 24, "float32", True, True, 16, 1),  # n % block != 0, D not a power of 2
+    "exact_blocks_bias": (1, 2, 32, 16, "float32", True, False, 16, 1),
+    "one_partial_block": (3, 2, 50, 32, "float32", False, False, 64, 1),
+    "bf16_bias_scores": (2, 2, 37, 32, "bfloat16", True, True, 16, 1),
+    "fp16_scores": (2, 2, 20, 16, "float16", False, True, 16, 1),
+    # split over the sequence: a whole masked first chunk, a ragged last one, more splits than blocks
+    "split3_bias_scores": (2, 3, 37, 24, "float32", True, True, 16, 3),
+    "split2_no_scores": (1, 1, 70, 16, "float32", False, False, 16, 2),
+    "split8_shared_bias_scores": (2, 2, 40, 16, "bfloat16", "shared", True, 8, 8),
+    "static_step_visible": (2, 2, 40, 16, "float32", "shared", True, 8, 3),
 }
+VISIBLE = {"static_step_visible": 30}  # chunks of 16: masked, partly visible, not read
 # (output vs same-dtype torch path, output vs fp32 reference, scores vs torch path)
 # Low precision: the torch path also rounds logits and probs to the input dtype. The interpreter
 # (3.9) casts fp32 -> bf16 by truncation, not round-to-nearest as on a GPU: up to 2^-7 relative.
@@ -47,7 +56,7 @@ def _make_case(R, H, n, D, dtype, with_bias, with_scores, seed=0):
         full = torch.zeros(R, 1, 1, cap)
         full[0, ..., : min(18, n - 1)] = float("-inf")  # a whole first block masked, never the whole row
         full[-1, ..., 1:n:3] = float("-inf")
-        bias = full[..., :n]
+        bias = full[..., :n] if with_bias != "shared" else full[:1, ..., :n]
     if with_scores:
         scores = torch.rand(2, R, H, cap, generator=g)[1, :, :, :n]  # pre-existing values: probs are ADDED
     return qkv[..., :D], kc[1, :, :, :n], vc[1, :, :, :n], bias, scores
@@ -63,12 +72,18 @@ def _run_interpreter_cases() -> dict:
     from lineray.kernels.triton_attention import attend_triton
 
     results = {}
-    for name, (R, H, n, D, dtype, with_bias, with_scores, block_n) in CASES.items():
+    for name, (R, H, n, D, dtype, with_bias, with_scores, block_n, splits) in CASES.items():
         q, k, v, bias, scores = _make_case(R, H, n, D, dtype, with_bias, with_scores)
+        kt, vt, visible = k, v, None
+        if name in VISIBLE:
+            bias[..., VISIBLE[name]:] = float("-inf")
+            kt, vt = k.clone(), v.clone()
+            kt[:, :, VISIBLE[name]:] = vt[:, :, VISIBLE[name]:] = float("nan")
+            visible = torch.tensor(VISIBLE[name])
         s_ref = None if scores is None else scores.clone()
         s_buf = None if scores is None else scores._base.clone()  # whole buffer: the view's outside must not change
         s_tri = None if scores is None else s_buf[1, :, :, :n]
-        out = attend_triton(q, k, v, bias, s_tri, block_n=block_n)
+        out = attend_triton(q, kt, vt, bias, s_tri, block_n=block_n, num_splits=splits, n_visible=visible)
         ref = attend_torch(q, k, v, bias, s_ref)
         ref32 = attend_torch(q.float(), k.float(), v.float(), bias)
         res = {
@@ -100,7 +115,7 @@ def interpreter_results():
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_kernel_matches_torch_path(interpreter_results, name):
-    R, H, n, D, dtype, with_bias, with_scores, _ = CASES[name]
+    R, H, n, D, dtype, with_bias, with_scores, _, _ = CASES[name]
     res = interpreter_results[name]
     tol_out, tol_fp32, tol_scores = TOL[dtype]
     assert res["dtype"] == dtype and res["shape"] == [R, H, 1, D]
@@ -120,16 +135,18 @@ def test_triton_kernel_compiles_for_a_gpu(monkeypatch, tmp_path):
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the kernel was decorated for the interpreter")
     from triton.backends.compiler import GPUTarget
-    from lineray.kernels.triton_attention import _decode_attention_kernel as kernel
+    from lineray.kernels import triton_attention as ta
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    flags = {"HAS_BIAS": True, "HAS_SCORES": True, "BLOCK_N": 32, "BLOCK_D": 64}
-    sig = {a: "constexpr" if a in flags else "fp32" if a == "scale" else
-           ("*fp32" if a in ("bias_ptr", "scores_ptr") else "*bf16") if a.endswith("_ptr") else "i32"
-           for a in kernel.arg_names}
-    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=flags)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 80, 32), options={"enable_fp_fusion": True})
-    assert compiled.asm["cubin"]
+    flags = {"HAS_BIAS": True, "HAS_LIMIT": True, "BLOCK_N": 32, "BLOCK_D": 64}
+    fp32 = {"bias_ptr", "scores_ptr", "m_ptr", "l_ptr", "acc_ptr"}
+    for kernel in (ta._decode_attention_kernel, ta._add_probabilities_kernel):
+        sig = {a: "constexpr" if a in flags else "fp32" if a == "scale" else "*i64" if a == "limit_ptr" else
+               ("*fp32" if a in fp32 else "*bf16") if a.endswith("_ptr") else "i32"
+               for a in kernel.arg_names}
+        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=flags)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 80, 32), options={"enable_fp_fusion": True})
+        assert compiled.asm["cubin"]
 
 
 def test_sdpa_path_matches_torch_path():

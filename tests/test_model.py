@@ -111,3 +111,22 @@ def test_cache_spec_grid_is_checked_against_model():
     from lineray.cache import CacheConfigError
     with pytest.raises(CacheConfigError, match="does not match"):
         CacheSpec(policy="linear", rho=0.25).plan(16, 16, 24 * 24)
+
+
+def test_rope_stays_fp32_in_a_bf16_model():
+    """LlamaGen rotates in fp32 at any dtype: `model.to(bfloat16)` must not round the cos/sin table."""
+    model = tiny_model(24).to(torch.bfloat16)
+    cfg = model.config
+    table = rope_table_2d(24, 24, cfg.head_dim, cfg.rope_base, cfg.cls_token_num)
+    assert model.rope.dtype == torch.float32 and torch.equal(model.rope, table)
+    teacher = torch.randint(0, cfg.vocab_size, (2, 24 * 24), generator=torch.Generator().manual_seed(0))
+
+    def logits(m):
+        return generate_tokens(m, Condition.classes([1, 2]), sampling=SamplingConfig(cfg_scale=1.0),
+                               teacher_tokens=teacher, return_logits=True).logits
+
+    got = logits(model)
+    model.rope = table.clone()  # the reference: the same bf16 model, the fp32 table set by hand
+    assert torch.equal(got, logits(model))
+    model.rope = table.to(torch.bfloat16).float()  # what a cast table rotates by: different logits
+    assert (logits(model) - got).abs().max() > 1e-3

@@ -58,18 +58,21 @@ def attention_backend(device: torch.device | str, needs_scores: bool) -> str:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            bias: torch.Tensor | None = None,
-           scores_out: torch.Tensor | None = None) -> torch.Tensor:
+           scores_out: torch.Tensor | None = None,
+           n_visible: torch.Tensor | None = None) -> torch.Tensor:
     """Single-query attention.
 
     q [R, H, 1, D]; k, v [R, H, n, D] (views of the cache, any strides);
-    bias [R, 1, 1, n] additive (0 or -inf) or None;
+    bias [R or 1, 1, 1, n] additive (0 or -inf) or None;
     scores_out [R, H, n] fp32: the probabilities are added into it when given.
+    n_visible: optional 0-dim device count; keys from there on are hidden by the bias anyway,
+    and the Triton kernel skips reading them (the static step's empty slots).
     Returns [R, H, 1, D] in q's dtype.
     """
     if q.is_cuda:  # cheap test first: the CPU path stays exactly the reference below
         backend = attention_backend(q.device, scores_out is not None)
         if backend == "triton":
-            return _triton_attend()(q, k, v, bias, scores_out)
+            return _triton_attend()(q, k, v, bias, scores_out, n_visible=n_visible)
         if backend == "sdpa":
             return attend_sdpa(q, k, v, bias)
     return attend_torch(q, k, v, bias, scores_out)

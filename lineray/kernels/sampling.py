@@ -43,15 +43,20 @@ def image_uniforms(seeds: list[int], n_tokens: int, device: torch.device | str =
     return torch.stack(rows).to(device)
 
 
-def guided_logits(logits: torch.Tensor, n_images: int, step: int, cfg: SamplingConfig) -> torch.Tensor:
-    """Rows are [cond; uncond] when CFG is on; return [n_images, V] fp32 logits to sample from."""
+def guided_logits(logits: torch.Tensor, n_images: int, step: int | torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Rows are [cond; uncond] when CFG is on; return [n_images, V] fp32 logits to sample from.
+
+    step: the index of the token sampled, an int or a 0-dim device tensor (static-shape step)."""
     logits = logits.float()
     if not cfg.uses_cfg:
         return logits
     cond, uncond = logits[:n_images], logits[n_images:]
-    if cfg.cfg_interval > -1 and step > cfg.cfg_interval:
-        return cond
-    return uncond + (cond - uncond) * cfg.cfg_scale
+    guided = uncond + (cond - uncond) * cfg.cfg_scale
+    if cfg.cfg_interval == -1:
+        return guided
+    if torch.is_tensor(step):  # no host sync: both are computed, one is kept
+        return torch.where(step > cfg.cfg_interval, cond, guided)
+    return cond if step > cfg.cfg_interval else guided
 
 
 def sample(logits: torch.Tensor, u: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:

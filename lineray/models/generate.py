@@ -87,20 +87,121 @@ def new_cache(model: Transformer, cache_spec: CacheSpec, rows: int, use_cfg: boo
     plan = cache_spec.plan(cfg.grid_size, cfg.grid_size, cfg.image_tokens)
     w = model.tok_embeddings.weight
     return KVCache(plan, n_layers=cfg.n_layer, rows=rows, heads=model.local_heads, head_dim=cfg.head_dim,
-                   prefix_len=cfg.prefix_len, dtype=w.dtype, device=w.device, cfg_rows=use_cfg)
+                   prefix_len=cfg.prefix_len, dtype=w.dtype, device=w.device, cfg_rows=use_cfg,
+                   reduce_scores=model.tp.all_reduce if model.tp.size > 1 else None)
+
+
+# -- the decode step ----------------------------------------------------------------------------
+# "dynamic": attend over the filled slots only (shapes change every step; Python counters).
+# "static": attend over the whole fixed capacity with a mask, counters in device tensors: one shape
+#   per batch size. "compiled": the static step under torch.compile(fullgraph=True). "cuda_graph": the
+#   static step captured once per cache and batch, then replayed (CUDA only).
+# "auto": cuda_graph on CUDA; on CPU static for evicting caches and dynamic for a full one, whose
+#   static step would attend over the whole image from the first token (benchmarks/decode_throughput.py).
+STEP_MODES = ("auto", "dynamic", "static", "compiled", "cuda_graph")
+
+
+def resolve_step_mode(mode: str, device: torch.device, cache: KVCache) -> str:
+    if mode not in STEP_MODES:
+        raise GenerationError(f"unknown decode step mode {mode!r}; choose one of {', '.join(STEP_MODES)}")
+    if mode == "cuda_graph" and device.type != "cuda":
+        raise GenerationError("step_mode cuda_graph needs a CUDA device")
+    if mode != "auto":
+        return mode
+    if device.type == "cuda":
+        return "cuda_graph"
+    return "static" if cache.plan.evicts else "dynamic"
+
+
+def decode_step(model: Transformer, cache: KVCache, tokens: torch.Tensor, uniforms: torch.Tensor,
+                sampling: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """One static-shape step: feed tokens [B] (the image token at grid index `cache.written`),
+    then guide and sample the next one. Returns (guided logits [B, V] fp32, sampled tokens [B]).
+
+    Every shape depends on the batch size only and no value goes back to the host, so this whole
+    function compiles with fullgraph=True and replays as one CUDA graph. The caller runs
+    `cache.commit_static()` after it (host counters, eviction at a line end).
+    """
+    rows = torch.cat([tokens, tokens]) if sampling.uses_cfg else tokens
+    logits = model.decode_static(rows, cache)
+    step = cache.written  # index of the token sampled now
+    guided = guided_logits(logits, tokens.size(0), step, sampling)
+    return guided, sample(guided, uniforms.index_select(1, step.view(1)).squeeze(1), sampling)
+
+
+_compiled_steps: dict = {}
+
+
+def compiled_decode_step(backend: str = "inductor"):
+    """decode_step under torch.compile(fullgraph=True): a graph break is an error, not a slowdown.
+    One compiled graph per batch size (cache) and sampling config; "aot_eager" traces without codegen."""
+    if backend not in _compiled_steps:
+        _compiled_steps[backend] = torch.compile(decode_step, fullgraph=True, backend=backend)
+    return _compiled_steps[backend]
+
+
+class CUDAGraphStep:
+    """decode_step captured as one CUDA graph for a cache (its rows) and a sampling config; replayed
+    with new tokens and uniforms copied into its static input buffers.
+
+    Capture runs the step (warm-up) on the live cache, which is reset afterwards. Graphs live in
+    `cache.graphs` and go with the cache's tensors (KVCache.resize drops them).
+    """
+
+    def __init__(self, model: Transformer, cache: KVCache, n_img: int, sampling: SamplingConfig):
+        dev = cache.device
+        self.tokens = torch.zeros(n_img, dtype=torch.long, device=dev)
+        self.uniforms = torch.zeros(n_img, model.config.image_tokens, dtype=torch.float64, device=dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up: lazy inits and allocator pools outside the capture
+            for _ in range(2):
+                decode_step(model, cache, self.tokens, self.uniforms, sampling)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = decode_step(model, cache, self.tokens, self.uniforms, sampling)
+
+    @classmethod
+    def for_batch(cls, model: Transformer, cache: KVCache, n_img: int, sampling: SamplingConfig) -> "CUDAGraphStep":
+        key = (id(model), n_img, sampling, cache.bias is not None)
+        if key not in cache.graphs:
+            cache.graphs[key] = cls(model, cache, n_img, sampling)
+        return cache.graphs[key]
+
+    def __call__(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        return self.out
+
+
+def static_step(mode: str, model: Transformer, cache: KVCache, uniforms: torch.Tensor, sampling: SamplingConfig,
+                compile_backend: str = "inductor"):
+    """tokens -> (guided logits, next tokens) for a static step mode, or None for "dynamic"."""
+    if mode == "dynamic":
+        return None
+    if mode == "cuda_graph":
+        graph = CUDAGraphStep.for_batch(model, cache, uniforms.size(0), sampling)
+        graph.uniforms.copy_(uniforms)
+        return graph
+    fn = compiled_decode_step(compile_backend) if mode == "compiled" else decode_step
+    return lambda tokens: fn(model, cache, tokens, uniforms, sampling)
 
 
 @torch.inference_mode()
 def generate_tokens(model: Transformer, cond: Condition, seeds: list[int] | None = None, *,
                     sampling: SamplingConfig = SamplingConfig(), cache_spec: CacheSpec = CacheSpec(),
                     teacher_tokens: torch.Tensor | None = None, return_logits: bool = False,
-                    cache: KVCache | None = None, on_step=None) -> Generation:
+                    cache: KVCache | None = None, on_step=None, step_mode: str = "auto",
+                    compile_backend: str = "inductor") -> Generation:
     """Generate the image tokens of a batch.
 
     seeds: one per image (required unless teacher_tokens is given). teacher_tokens
     [B, N]: feed these instead of sampling (teacher forcing, for evaluation).
-    cache: reuse a cache built by `new_cache` for the same rows (no allocation).
-    on_step(i): called after each token, for progress.
+    cache: reuse a cache built by `new_cache` (resized in place, old tensors freed first, when
+    the batch has another number of rows). on_step(i): called after each token, for progress.
+    step_mode: how decode steps run (STEP_MODES above); every mode gives the same tokens.
+    compile_backend: torch.compile's backend for step_mode "compiled".
     """
     check_condition(model, cond)
     cfg = model.config
@@ -111,21 +212,35 @@ def generate_tokens(model: Transformer, cond: Condition, seeds: list[int] | None
             raise GenerationError(f"need one seed per image: {n_img} images, "
                                   f"{'no' if seeds is None else len(seeds)} seeds")
         uniforms = image_uniforms(seeds, n_tok, device)
+    else:  # sampled tokens are discarded
+        uniforms = torch.zeros(n_img, n_tok, dtype=torch.float64, device=device)
     x, key_mask = condition_rows(model, cond, sampling.uses_cfg)
     if cache is None:
         cache = new_cache(model, cache_spec, x.size(0), sampling.uses_cfg)
+    else:
+        cache.resize(x.size(0), sampling.uses_cfg)
     cache.reset(key_mask)
+    step = static_step(resolve_step_mode(step_mode, device, cache), model, cache, uniforms, sampling,
+                       compile_backend)
+    if isinstance(step, CUDAGraphStep):
+        cache.reset(key_mask)  # a first capture ran the step on the cache
     tokens = torch.empty(n_img, n_tok, dtype=torch.long, device=device)
     all_logits = torch.empty(n_img, n_tok, cfg.vocab_size, device=device) if return_logits else None
     logits = model.prefill(x, cache)
     for i in range(n_tok):
-        guided = guided_logits(logits, n_img, i, sampling)
+        if i == 0 or step is None:  # after the prefill, and every dynamic step
+            if i > 0:
+                logits = model.decode(torch.cat([tok, tok]) if sampling.uses_cfg else tok, i - 1, cache)
+            guided = guided_logits(logits, n_img, i, sampling)
+            tok = sample(guided, uniforms[:, i], sampling)
+        else:
+            guided, tok = step(tok)
+            cache.commit_static()
+        if teacher_tokens is not None:
+            tok = teacher_tokens[:, i].to(device)
+        tokens[:, i] = tok
         if all_logits is not None:
             all_logits[:, i] = guided
-        tok = teacher_tokens[:, i].to(device) if teacher_tokens is not None else sample(guided, uniforms[:, i], sampling)
-        tokens[:, i] = tok
-        if i + 1 < n_tok:
-            logits = model.decode(torch.cat([tok, tok]) if sampling.uses_cfg else tok, i, cache)
         if on_step is not None:
             on_step(i)
     return Generation(tokens, all_logits, cache)

@@ -38,6 +38,8 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(cfg.n_head * cfg.head_dim, cfg.dim, tp)
 
     def forward(self, x, rope, cache=None, layer=0, mask=None):
+        """mask: without a cache, the attention mask of a whole-sequence pass; with a cache, the
+        additive step bias of a static-shape decode step (KVCache.step_bias)."""
         b, s, _ = x.shape
         q, k, v = self.wqkv(x).split(self.wqkv.local_sections, dim=-1)
         q = apply_rope(q.view(b, s, self.n_head, self.head_dim), rope).transpose(1, 2)
@@ -48,6 +50,8 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        elif mask is not None:
+            out = cache.attend_static(layer, q, k, v, mask)
         else:
             out = cache.attend(layer, q, k, v)
         return self.wo(out.transpose(1, 2).reshape(b, s, self.n_head * self.head_dim))
@@ -154,9 +158,21 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg, tp) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = ColumnParallelLinear(cfg.dim, cfg.vocab_size, tp, gather_output=True)  # vocab-parallel head
-        rope = rope_table_2d(cfg.grid_size, cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.cls_token_num)
-        self.register_buffer("rope", rope, persistent=False)
+        self.register_buffer("rope", self._rope_table(), persistent=False)
         self.register_load_state_dict_pre_hook(merge_parts)  # checkpoint-layout state dicts load too
+
+    def _rope_table(self) -> torch.Tensor:
+        cfg = self.config
+        return rope_table_2d(cfg.grid_size, cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.cls_token_num)
+
+    def _apply(self, fn, recurse=True):
+        """Move/cast the module, but keep the RoPE table in fp32 (LlamaGen rotates in fp32 at any
+        dtype): `model.to(bfloat16)` would otherwise round cos/sin to 8 bits. Recomputed, not cast
+        back, so it is exact; it follows the device of the other buffers."""
+        super()._apply(fn, recurse)
+        if self.rope.dtype != torch.float32:
+            self.rope = self._rope_table().to(self.rope.device)
+        return self
 
     @property
     def local_heads(self) -> int:
@@ -179,8 +195,9 @@ class Transformer(nn.Module):
     def compile_dense(self) -> "Transformer":
         """torch.compile the dense per-token work of every block (norms, gate/up/down).
 
-        Attention and the KV cache stay eager: their shapes change every step and the
-        eviction bookkeeping is Python. dynamic=True: one graph serves every batch size.
+        Attention and the KV cache stay eager here (the dynamic step's shapes change every
+        step); to compile the whole static-shape step instead, use
+        generate_tokens(step_mode="compiled"). dynamic=True: one graph serves every batch size.
         Off by default (ReplicaConfig.compile): the first batch pays the compile time.
         """
         for layer in self.layers:
@@ -245,6 +262,18 @@ class Transformer(nn.Module):
         P = self.config.cls_token_num
         h = self.tok_embeddings(tokens).unsqueeze(1)
         return self._step(h, self.rope[P + index:P + index + 1], cache)
+
+    def decode_static(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        """`decode` with static shapes: the token's grid index is the cache's device counter
+        `written`, attention runs over every cache slot with a mask, slots are written by index.
+        Same logits as `decode`; no Python-visible state changes, so it can be compiled or captured."""
+        h = self.tok_embeddings(tokens).unsqueeze(1)
+        rope = self.rope.index_select(0, cache.written.view(1) + self.config.cls_token_num)
+        bias = cache.step_bias()
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, cache, i, bias)
+        cache.advance_static()
+        return self.output(self.norm(h[:, -1])).float()
 
     def _step(self, h, rope, cache) -> torch.Tensor:
         for i, layer in enumerate(self.layers):

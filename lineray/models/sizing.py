@@ -1,7 +1,13 @@
 """Memory-aware batch sizing: how many images fit a device memory budget for a model and cache policy.
 
 The K/V cache is static and preallocated, so its size is exact arithmetic; the
-weights are exact; the per-step activations are a small, conservative estimate.
+weights are exact, per tensor-parallel rank (the split layers divided, the
+embeddings and norms whole on every rank). On top come the largest temporaries of
+one batch, which do not overlap in time: the decode step's activations and the
+sampling workspace always, plus the larger of the prefill (120 condition tokens for
+t2i) and the eviction at a line end (one layer at a time, see KVCache._end_of_line).
+A cache that is replaced is freed first (KVCache.resize), so only one is counted.
+`tests/test_cache.py` checks the plan against the peak of real allocations.
 """
 from __future__ import annotations
 
@@ -15,14 +21,16 @@ from lineray.models.config import GPTConfig
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    weights_bytes: int  # this rank's parameters
+    weights_bytes: int  # this rank's parameters and buffers
     kv_bytes_per_image: int  # K + V, all layers, both CFG rows, this rank's heads
-    meta_bytes_per_image: int  # slot positions and scores
-    activation_bytes_per_image: int  # logits, attention probabilities, hidden states of one step (estimate)
+    meta_bytes_per_image: int  # slot positions, scores, key mask
+    activation_bytes_per_image: int  # one decode step: logits, attention, hidden states, sampling (estimate)
+    transient_bytes_per_image: int  # the larger of the prefill and a line-end eviction (estimate)
 
     @property
     def bytes_per_image(self) -> int:
-        return self.kv_bytes_per_image + self.meta_bytes_per_image + self.activation_bytes_per_image
+        return (self.kv_bytes_per_image + self.meta_bytes_per_image + self.activation_bytes_per_image
+                + self.transient_bytes_per_image)
 
     def max_batch(self, budget_bytes: int) -> int:
         free = budget_bytes - self.weights_bytes
@@ -30,31 +38,90 @@ class MemoryPlan:
 
 
 def param_count(cfg: GPTConfig) -> int:
+    return sum(_param_counts(cfg, tp=1))
+
+
+def _param_counts(cfg: GPTConfig, tp: int) -> tuple[int, int]:
+    """(replicated, split) parameters of one rank; split layers give rank 0 the larger part."""
     cond = (cfg.num_classes + 1) * cfg.dim if cfg.model_type == "c2i" else \
         cfg.caption_dim * cfg.dim + cfg.dim * cfg.dim + cfg.cls_token_num * cfg.caption_dim
-    qkv = cfg.dim * (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim
-    layer = qkv + cfg.n_head * cfg.head_dim * cfg.dim + 3 * cfg.dim * cfg.ffn_hidden + 2 * cfg.dim
-    return cond + 2 * cfg.vocab_size * cfg.dim + cfg.n_layer * layer + cfg.dim
+    replicated = cond + cfg.vocab_size * cfg.dim + cfg.n_layer * 2 * cfg.dim + cfg.dim  # embeddings, norms
+    heads, kv_heads = cfg.n_head // tp, cfg.kv_heads // tp
+    layer = (cfg.dim * (heads + 2 * kv_heads) * cfg.head_dim + heads * cfg.head_dim * cfg.dim
+             + 3 * cfg.dim * part(cfg.ffn_hidden, tp))
+    return replicated, cfg.n_layer * layer + part(cfg.vocab_size, tp) * cfg.dim
+
+
+def weight_bytes(cfg: GPTConfig, dtype: torch.dtype, tp: int = 1) -> int:
+    """Parameters of rank 0 (the largest share) plus the fp32 RoPE table."""
+    rope = (cfg.prefix_len + cfg.image_tokens) * cfg.head_dim * 4
+    return sum(_param_counts(cfg, tp)) * _size(dtype) + rope
 
 
 def memory_plan(cfg: GPTConfig, cache: CacheSpec, dtype: torch.dtype = torch.bfloat16, *, cfg_rows: bool = True,
                 tp: int = 1) -> MemoryPlan:
     plan = cache.plan(cfg.grid_size, cfg.grid_size, cfg.image_tokens)
-    elem = torch.empty(0, dtype=dtype).element_size()
+    elem = _size(dtype)
     rows = 2 if cfg_rows else 1
     heads = cfg.n_head // tp
-    slots = cfg.prefix_len + plan.visual_capacity
+    P, V, D = cfg.prefix_len, cfg.vocab_size, cfg.head_dim
+    slots = P + plan.visual_capacity
     per_row_head = cfg.n_layer * heads * slots
-    kv = rows * per_row_head * cfg.head_dim * 2 * elem
-    meta = rows * per_row_head * (4 + (4 if plan.scoring else 0))
-    act = rows * (3 * cfg.vocab_size * 4  # logits, guided logits, sampling workspace (fp32)
-                  + 2 * heads * slots * 4  # attention logits and probabilities (fp32)
-                  + 4 * cfg.ffn_hidden * elem + 8 * cfg.dim * elem) + cfg.image_tokens * 16  # tokens, uniforms
-    return MemoryPlan(weights_bytes=param_count(cfg) * elem // tp, kv_bytes_per_image=kv,
-                      meta_bytes_per_image=meta, activation_bytes_per_image=act)
+    kv = rows * per_row_head * D * 2 * elem
+    key_mask = slots * 4 if cfg.model_type == "t2i" else 0
+    meta = rows * (per_row_head * (4 + (4 if plan.scoring else 0)) + key_mask)
+    ffn = part(cfg.ffn_hidden, tp)
+    act = (rows * (V * (3 * elem + 4)  # logits: this rank's part, the gathered ones, then fp32
+                   + 3 * heads * slots * 4  # attention logits, mask, probabilities (fp32)
+                   + 3 * ffn * elem + 8 * cfg.dim * elem)
+           + 6 * V * 8  # guidance and sampling (fp32 logits, fp64 probabilities and CDF, sort)
+           + cfg.image_tokens * 16)  # tokens, uniforms
+    prefill = rows * P * ((cfg.caption_dim * elem if cfg.model_type == "t2i" else 0)
+                          + (3 * heads * D + 3 * ffn + 6 * cfg.dim) * elem + 4 * heads * D * 4  # fp32 RoPE
+                          + P * (1 + 2 * heads * 4))  # mask, attention weights
+    evict = 0
+    if plan.evicts:  # one layer's gathered K (then V), its indices and the selection scores
+        cand = plan.visual_capacity
+        grid = 3 * plan.image_tokens * 4 if plan.spec.pool > 1 else 0
+        evict = rows * heads * (plan.budget * (D * elem + 3 * 8) + cand * 3 * 4 + grid)
+    return MemoryPlan(weights_bytes=weight_bytes(cfg, dtype, tp), kv_bytes_per_image=kv, meta_bytes_per_image=meta,
+                      activation_bytes_per_image=act, transient_bytes_per_image=max(prefill, evict))
 
 
 def largest_batch(cfg: GPTConfig, cache: CacheSpec, budget_bytes: int, dtype: torch.dtype = torch.bfloat16,
                   *, cfg_rows: bool = True, tp: int = 1) -> int:
     """The largest number of images per replica whose weights + K/V + activations fit budget_bytes."""
     return memory_plan(cfg, cache, dtype, cfg_rows=cfg_rows, tp=tp).max_batch(budget_bytes)
+
+
+def peak_allocated_bytes(fn) -> int:
+    """Measure: the peak of CPU tensor bytes allocated while fn() runs, above what was live before.
+
+    From the profiler's record of every allocation and free (temporaries inside ops included;
+    frees of tensors allocated before fn are not seen, so create what you measure inside it).
+    Slows fn down several times: for tests and benchmarks.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    sizes, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+            sizes.append((e.start_time_ns, e.extra_fields.alloc_size))  # negative: a free
+    live = peak = 0
+    for _, n in sorted(sizes):
+        live += n
+        peak = max(peak, live)
+    return peak
+
+
+def part(n: int, tp: int) -> int:
+    """Rank 0's share of n items split over tp ranks (TPGroup.part: the first ranks get the extra)."""
+    return -(-n // tp)
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()

@@ -23,7 +23,7 @@ class LocalReplica:
         self.cfg = cfg
         self.device = setup_device(cfg.device)
         self.model = cfg.model.build_model(device=self.device, compile=cfg.compile)
-        self._cache = None  # reused while the batch size stays the same
+        self._cache = None  # reused by every batch (resized when the batch size changes)
 
     @property
     def model_config(self):
@@ -34,10 +34,9 @@ class LocalReplica:
         """Tokens [B, N] on CPU. `sampling` overrides the replica's for this batch (e.g. a per-prompt cfg scale)."""
         make_current(self.device)  # the caller may run it on another thread than the constructor
         sampling = sampling or self.cfg.sampling
-        rows = len(cond) * (2 if sampling.uses_cfg else 1)
-        cache = self._cache if self._cache is not None and self._cache.rows == rows else None
+        # The cache is resized in place for another batch size (its old tensors freed first).
         out = generate_tokens(self.model, cond, seeds, sampling=sampling,
-                              cache_spec=self.cfg.cache, cache=cache, on_step=on_step)
+                              cache_spec=self.cfg.cache, cache=self._cache, on_step=on_step)
         self._cache = out.cache
         return out.tokens.cpu()
 

@@ -1,0 +1,85 @@
+"""Tensor parallelism below the workers: two real gloo ranks (torch.multiprocessing, no Ray) run the
+decode loop on their shards. tp=2 must give tp=1's tokens for every cache policy, including
+head_aggregate (its scores are summed over all heads of all ranks), and the static-shape step must
+give the dynamic step's tokens at tp=1 and tp=2, for c2i and t2i.
+"""
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lineray.cache import CacheSpec
+from lineray.kernels.sampling import SamplingConfig
+from lineray.models.generate import Condition, generate_tokens
+from lineray.models.layers import TPGroup
+from lineray.models.spec import ModelSpec
+from lineray.workers.parallel_state import interface_of
+
+SAMPLING = SamplingConfig(cfg_scale=4.0, top_k=100)
+SPECS = {"full": CacheSpec(), "linear": CacheSpec("linear", lines=3), "window": CacheSpec("window", lines=3),
+         "heavy_hitter": CacheSpec("heavy_hitter", lines=4),
+         "head_aggregate": CacheSpec("linear", lines=3, head_aggregate=True, pool=3)}
+CASES = list(itertools.product(["c2i", "t2i"], SPECS, ["dynamic", "static"]))
+SEEDS = [11, 12, 13]
+
+
+def condition(model_type: str) -> Condition:
+    if model_type == "c2i":
+        return Condition.classes([1, 7, 3])
+    g = torch.Generator().manual_seed(5)
+    mask = torch.ones(3, 120, dtype=torch.bool)
+    mask[0, :40] = False  # left padding, as T5 features have it
+    return Condition(captions=torch.randn(3, 120, 2048, generator=g), caption_mask=mask)
+
+
+def run_cases(tp: TPGroup) -> dict:
+    out = {}
+    for model_type in ("c2i", "t2i"):
+        spec = ModelSpec(preset="GPT-tiny", checkpoint=None, decoder=None, grid_size=8, model_type=model_type)
+        model = spec.build_model(tp=tp)
+        for mt, name, mode in CASES:
+            if mt == model_type:
+                out[mt, name, mode] = generate_tokens(model, condition(mt), SEEDS, sampling=SAMPLING,
+                                                      cache_spec=SPECS[name], step_mode=mode).tokens
+    return out
+
+
+def _rank(rank: int, store: str, result: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        out = run_cases(TPGroup(rank, 2, dist.group.WORLD))
+        if rank == 0:
+            torch.save(out, result)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def tp2_tokens(tmp_path_factory, monkeypatch_module):
+    tmp = tmp_path_factory.mktemp("tp2")
+    monkeypatch_module.setenv("GLOO_SOCKET_IFNAME", interface_of("127.0.0.1"))  # loopback only
+    mp.spawn(_rank, args=(str(tmp / "store"), str(tmp / "out.pt")), nprocs=2, join=True)
+    return torch.load(tmp / "out.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp_:
+        yield mp_
+
+
+@pytest.fixture(scope="module")
+def tp1_tokens():
+    return run_cases(TPGroup())
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("model_type,name", [(mt, n) for mt in ("c2i", "t2i") for n in SPECS])
+def test_tp2_equals_tp1_and_static_step_equals_dynamic(tp1_tokens, tp2_tokens, model_type, name):
+    ref = tp1_tokens[model_type, name, "dynamic"]
+    assert torch.equal(tp1_tokens[model_type, name, "static"], ref)
+    assert torch.equal(tp2_tokens[model_type, name, "dynamic"], ref)
+    assert torch.equal(tp2_tokens[model_type, name, "static"], ref)
