@@ -19,8 +19,8 @@ def read_model_json(path: str | Path, train_command: str | None = None) -> dict:
     return info
 
 
-def model_config(path: str | Path) -> GPTConfig:
-    return GPTConfig(**read_model_json(path)["config"])
+def model_config(path: str | Path, train_command: str | None = None) -> GPTConfig:
+    return GPTConfig(**read_model_json(path, train_command)["config"])
 
 
 def model_sampling(path: str | Path) -> SamplingConfig:

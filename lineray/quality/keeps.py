@@ -36,7 +36,9 @@ def held_masks(model, spec: CacheSpec, labels, seeds, sampling: SamplingConfig, 
     grid, n_layers = cfg.grid_size, cfg.n_layer
     b = len(labels)
     held = torch.zeros(len(line_ends), n_layers, b, cfg.image_tokens)
-    wanted = {(e + 1) * grid - 1: k for k, e in enumerate(line_ends)}  # token index that closes line e
+    # on_step(i) runs once token i is sampled, when the cache holds tokens < i: at i = (e + 1) * grid the
+    # line e has been written and compressed (a census after the last line would need one more step).
+    wanted = {(e + 1) * grid: k for k, e in enumerate(line_ends) if e + 1 < grid}
     state = {}
 
     def on_step(i):

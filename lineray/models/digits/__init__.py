@@ -26,21 +26,13 @@ CLASS_NAMES = [str(d) for d in range(10)]  # class label d is the digit d
 GPT_FILE, GPT_JSON, TOKENIZER_FILE, JUDGE_FILE = "gpt.safetensors", "gpt.json", "tokenizer.safetensors", "judge.safetensors"
 
 
-def read_model_json(path: str | Path = BUNDLED_JSON) -> dict:
-    return model_files.read_model_json(path, "python -m lineray.models.digits.train")
-
-
-def model_config(path: str | Path = BUNDLED_JSON) -> GPTConfig:
-    return model_files.model_config(path)
-
-
-def model_sampling(path: str | Path = BUNDLED_JSON) -> SamplingConfig:
-    """The sampling settings stored with the model (tuned for judge accuracy), or the defaults."""
-    return model_files.model_sampling(path)
+# One reader for every bundle's gpt.json (a path argument serves training outputs too).
+model_config, model_sampling, read_model_json = (model_files.model_config, model_files.model_sampling,
+                                                 model_files.read_model_json)
 
 
 def bundled_config() -> GPTConfig:
-    return model_config(BUNDLED_JSON)
+    return model_files.model_config(BUNDLED_JSON, f"python -m {__name__}.train")
 
 
 def bundled_sampling() -> SamplingConfig:

@@ -33,20 +33,13 @@ BUNDLED_JUDGE = ASSET_DIR / JUDGE_FILE
 PRESET = dict(n_layer=6, dim=160, n_head=5, num_classes=len(CLASS_NAMES), grid_size=24, multiple_of=64)
 
 
-def read_model_json(path: str | Path = BUNDLED_JSON) -> dict:
-    return model_files.read_model_json(path, "python -m lineray.models.shapes.train")
-
-
-def model_config(path: str | Path = BUNDLED_JSON) -> GPTConfig:
-    return model_files.model_config(path)
-
-
-def model_sampling(path: str | Path = BUNDLED_JSON) -> SamplingConfig:
-    return model_files.model_sampling(path)
+# One reader for every bundle's gpt.json (a path argument serves training outputs too).
+model_config, model_sampling, read_model_json = (model_files.model_config, model_files.model_sampling,
+                                                 model_files.read_model_json)
 
 
 def bundled_config() -> GPTConfig:
-    return model_config(BUNDLED_JSON)
+    return model_files.model_config(BUNDLED_JSON, f"python -m {__name__}.train")
 
 
 def bundled_sampling() -> SamplingConfig:
