@@ -24,6 +24,22 @@ def test_same_seed_same_image_regardless_of_batch_and_position():
     assert not torch.equal(other, alone)
 
 
+@pytest.mark.parametrize("spec", [CacheSpec(), CacheSpec("linear", lines=2)], ids=["full", "linear"])
+def test_a_tail_batch_padded_to_the_cache_gives_its_own_images(spec):
+    """A CUDA-graph step pads a tail batch to its cache's batch (one graph per job): the padding must
+    change none of the real images, keep the cache's size, and return only the real rows."""
+    from lineray.models.generate import new_cache
+    model = tiny_model(8)
+    alone = generate_tokens(model, Condition.classes([3, 8]), [11, 12], sampling=SAMPLING, cache_spec=spec,
+                            return_logits=True)
+    cache = new_cache(model, spec, rows=2 * 5, use_cfg=True)
+    padded = generate_tokens(model, Condition.classes([3, 8]), [11, 12], sampling=SAMPLING, cache_spec=spec,
+                             return_logits=True, cache=cache, pad_to=5)
+    assert torch.equal(padded.tokens, alone.tokens) and padded.tokens.shape == (2, 64)
+    assert torch.allclose(padded.logits, alone.logits, atol=1e-5) and padded.logits.shape[0] == 2
+    assert padded.cache is cache and cache.rows == 10
+
+
 def test_uniforms_depend_only_on_their_seed():
     a = image_uniforms([3, 4], 50)
     b = image_uniforms([9, 4, 3], 50)

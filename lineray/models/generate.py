@@ -193,20 +193,35 @@ def generate_tokens(model: Transformer, cond: Condition, seeds: list[int] | None
                     sampling: SamplingConfig = SamplingConfig(), cache_spec: CacheSpec = CacheSpec(),
                     teacher_tokens: torch.Tensor | None = None, return_logits: bool = False,
                     cache: KVCache | None = None, on_step=None, step_mode: str = "auto",
-                    compile_backend: str = "inductor") -> Generation:
+                    compile_backend: str = "inductor", pad_to: int | None = None) -> Generation:
     """Generate the image tokens of a batch.
 
     seeds: one per image (required unless teacher_tokens is given). teacher_tokens
     [B, N]: feed these instead of sampling (teacher forcing, for evaluation).
     cache: reuse a cache built by `new_cache` (resized in place, old tensors freed first, when
-    the batch has another number of rows). on_step(i): called after each token, for progress.
-    step_mode: how decode steps run (STEP_MODES above); every mode gives the same tokens.
-    compile_backend: torch.compile's backend for step_mode "compiled".
+    the batch has another number of rows). on_step(i): called once token i is sampled, before it
+    is written to the cache (for progress). step_mode: how decode steps run (STEP_MODES above);
+    every mode gives the same tokens. compile_backend: torch.compile's backend for "compiled".
+    pad_to: run a smaller batch padded to this many images (copies of its first image, dropped
+    from the result). By default a CUDA-graph step pads a smaller (tail) batch to the batch its
+    cache holds, so one captured graph serves every batch of a job.
     """
     check_condition(model, cond)
     cfg = model.config
     n_img, n_tok = len(cond), cfg.image_tokens
     device = model.tok_embeddings.weight.device
+    if pad_to is None and cache is not None and cache.cfg_rows == sampling.uses_cfg and (
+            step_mode == "cuda_graph" or (step_mode == "auto" and device.type == "cuda")):
+        pad_to = cache.rows // (2 if cache.cfg_rows else 1)
+    if pad_to is not None and pad_to > n_img:
+        # Images are independent (each has its own seed and rows), so padding changes none of them.
+        fill = torch.cat([torch.arange(n_img), torch.zeros(pad_to - n_img, dtype=torch.long)])
+        gen = generate_tokens(
+            model, cond.select(fill), None if seeds is None else [seeds[int(j)] for j in fill],
+            sampling=sampling, cache_spec=cache_spec, return_logits=return_logits, cache=cache,
+            teacher_tokens=None if teacher_tokens is None else teacher_tokens[fill], on_step=on_step,
+            step_mode=step_mode, compile_backend=compile_backend, pad_to=pad_to)
+        return Generation(gen.tokens[:n_img], None if gen.logits is None else gen.logits[:n_img], gen.cache)
     if teacher_tokens is None:
         if seeds is None or len(seeds) != n_img:
             raise GenerationError(f"need one seed per image: {n_img} images, "
