@@ -92,7 +92,7 @@ def peak(args, dtype: torch.dtype, n_img: int = 2) -> None:
     from lineray.models.sizing import peak_allocated_bytes
     from lineray.models.spec import ModelSpec
     torch.set_num_threads(args.threads)
-    model = ModelSpec(preset="GPT-B", checkpoint=None, decoder=None, grid_size=args.grid,
+    model = ModelSpec(preset="GPT-B", checkpoint="random", decoder="random", grid_size=args.grid,
                       dtype=args.dtype).build_model()
     cond, seeds = Condition.classes(list(range(n_img))), list(range(n_img))
     rows = []

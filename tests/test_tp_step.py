@@ -14,7 +14,7 @@ from lineray.cache import CacheSpec
 from lineray.kernels.sampling import SamplingConfig
 from lineray.models.generate import Condition, generate_tokens
 from lineray.models.layers import TPGroup
-from lineray.models.spec import ModelSpec
+from lineray.models.spec import RANDOM, ModelSpec
 from lineray.workers.parallel_state import interface_of
 
 SAMPLING = SamplingConfig(cfg_scale=4.0, top_k=100)
@@ -37,7 +37,7 @@ def condition(model_type: str) -> Condition:
 def run_cases(tp: TPGroup) -> dict:
     out = {}
     for model_type in ("c2i", "t2i"):
-        spec = ModelSpec(preset="GPT-tiny", checkpoint=None, decoder=None, grid_size=8, model_type=model_type)
+        spec = ModelSpec(preset="GPT-tiny", checkpoint=RANDOM, decoder=RANDOM, grid_size=8, model_type=model_type)
         model = spec.build_model(tp=tp)
         for mt, name, mode in CASES:
             if mt == model_type:
