@@ -30,9 +30,11 @@ def make_tiny():
 
 def wait_until(check, timeout: float = 30.0, what: str = "condition", interval: float = 0.1):
     """Poll `check` until it is true; fail after `timeout` s. Ray hands resources, placement groups and
-    actors back asynchronously (DESIGN.md section 8): assert on them with this, never once."""
+    actors back asynchronously (DESIGN.md section 8): assert on them with this, never once.
+    Returns check()'s first truthy value."""
     deadline = time.monotonic() + timeout
-    while not check():
+    while not (value := check()):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+    return value

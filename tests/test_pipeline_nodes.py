@@ -5,26 +5,16 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
-import time
 from collections import Counter
 
 import pytest
+from conftest import wait_until
 from pipeline_helpers import jsonl_bytes, tiny_job
 
 from lineray.pipelines import JobConfig, run_job
 from lineray.pipelines.sink import Output
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_removing_the_node_of_a_replica_mid_job(tmp_path):
@@ -83,10 +73,10 @@ def test_removing_the_node_of_a_replica_mid_job(tmp_path):
                     return pg_id, set(pg["bundles_to_node_id"].values())
             return None
 
-        pg_id, nodes = _wait(replica_group, 120, "the replica's placement group")
+        pg_id, nodes = wait_until(replica_group, 120, "the replica's placement group")
         assert nodes == {worker.node_id}, "the ranks should be on the second node (the head is full)"
         ray.kill(tenant)
-        _wait(lambda: Output(str(out)).committed() or "error" in result, 120, "a first commit")
+        wait_until(lambda: Output(str(out)).committed() or "error" in result, 120, "a first commit")
         cluster.remove_node(worker)
 
         thread.join(timeout=240)
@@ -98,9 +88,10 @@ def test_removing_the_node_of_a_replica_mid_job(tmp_path):
         ids = Counter(pq.read_table(out / "data")["id"].to_pylist())
         assert set(ids) == {f"n{i:02d}" for i in range(n)} and set(ids.values()) == {1}
         # The dead node's group was removed (not left to be rescheduled), and nothing of the job's is left.
-        assert ray.util.placement_group_table()[pg_id]["state"] == "REMOVED"
+        wait_until(lambda: ray.util.placement_group_table()[pg_id]["state"] == "REMOVED", 30,
+                   "the dead node's placement group to be removed")
         # The replacement's group goes when its stage actor exits after the job (asynchronously: poll).
-        _wait(lambda: all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values()), 60,
+        wait_until(lambda: all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values()), 60,
               f"every placement group of the job to be removed: "
               f"{[(pg['name'], pg['state']) for pg in ray.util.placement_group_table().values()]}")
     finally:

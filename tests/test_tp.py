@@ -18,6 +18,7 @@ import torch
 
 ray = pytest.importorskip("ray")
 from ray.util import list_named_actors, placement_group_table  # noqa: E402
+from conftest import wait_until  # noqa: E402
 
 from lineray.cache import CacheSpec  # noqa: E402
 from lineray.cluster.local import ensure_ray  # noqa: E402
@@ -60,15 +61,6 @@ def reference(spec: ModelSpec, cache: CacheSpec):
 
 def config(spec=TINY, cache=CacheSpec(), tp=2) -> ReplicaConfig:
     return ReplicaConfig(model=spec, cache=cache, sampling=SAMPLING, tp=tp)
-
-
-def wait_until(check, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def assert_gone(pg_id: str, worker_names: list[str], pids: list[int]) -> None:
