@@ -156,10 +156,25 @@ def evaluate(model_dir: str | Path | None = None, *, bundle: str = "digits", jud
         runs.insert(1, ("1", CacheSpec("full"), "B"))
     rows, grids = [], {}
     ref_logits = ref_tokens = None
+    # Each finished row is kept in OUT/rows/ with the settings it ran with, so an interrupted table
+    # (an hour and more on a laptop) resumes at its first missing row.
+    settings = dict(bundle=bundle, model_dir=str(model_dir), samples=samples, seed=seed, heldout=heldout,
+                    sampling=asdict(sampling))
+    done_dir = Path(out_dir) / "rows" if out_dir is not None else None
     bar = tqdm(total=samples * len(runs), unit="img", desc="eval", disable=not progress, dynamic_ncols=True)
     for budget, spec, seed_set in runs:
         plan = spec.plan(cfg.grid_size, cfg.grid_size, cfg.image_tokens)
         bar.set_postfix_str(f"{plan.describe()}, seeds {seed_set}")
+        done_file = None if done_dir is None else done_dir / f"{spec.policy}_{budget.replace('/', '-')}_{seed_set}.pt"
+        done = _load_row(done_file, settings)
+        if done is not None:
+            rows.append(EvalRow(**done["row"]))
+            if ref_logits is None:
+                ref_logits, ref_tokens = done["logits"], done["tokens"]
+            if "grid" in done:
+                grids[(spec.policy, budget)] = done["grid"].numpy()
+            bar.update(samples)
+            continue
         # Teacher forcing does not depend on the seeds: the second full row reuses the first's logits.
         logits = ref_logits if seed_set == "B" else teacher_forced_logits(bench, spec, batch_size)
         t0 = time.perf_counter()
@@ -182,10 +197,27 @@ def evaluate(model_dir: str | Path | None = None, *, bundle: str = "digits", jud
             # Two of each class per row for the policy sheets; ten of each for the full cache's own sheet.
             keep = (10 if spec.policy == "full" else 2) * cfg.num_classes
             grids[(spec.policy, budget)] = to_uint8(images[:min(samples, keep)])
+        if done_file is not None:
+            keep_row = dict(settings=settings, row=asdict(rows[-1]), tokens=tokens)
+            if logits is ref_logits and seed_set == "A":
+                keep_row["logits"] = logits  # the reference of every later row
+            if seed_set == "A":
+                keep_row["grid"] = torch.from_numpy(grids[(spec.policy, budget)])
+            done_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(keep_row, done_file.with_suffix(".tmp"))
+            done_file.with_suffix(".tmp").replace(done_file)
     bar.close()
     if out_dir is not None:
         write_outputs(rows, grids, Path(out_dir), sampling, samples, bundle)
     return rows
+
+
+def _load_row(path: Path | None, settings: dict) -> dict | None:
+    """A row finished by an earlier run with the same settings, or None."""
+    if path is None or not path.is_file():
+        return None
+    done = torch.load(path, weights_only=True)
+    return done if done.get("settings") == settings else None
 
 
 # -- outputs -------------------------------------------------------------------
