@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from lineray.quality import add_arguments, cache_rows, evaluate, metrics
+from lineray.quality import add_arguments, cache_rows, evaluate, markdown_table, metrics
+from lineray.quality.runner import finished_row
 
 
 def test_kl_of_identical_distributions_is_zero():
@@ -96,6 +97,17 @@ def test_eval_end_to_end_on_bundled_model(tmp_path):
     table = (tmp_path / "quality.md").read_text()
     assert "| full | 1 | 16 | A |" in table and "| full | 1 | 16 | B |" in table
     assert "copy IoU" not in table and "model digits" in table
+    # Finished rows are kept: a rerun with the same settings loads them (a marker planted in one
+    # kept row comes back) instead of sampling again; other settings do not reuse them.
+    kept = sorted(p.name for p in (tmp_path / "rows").iterdir())
+    assert kept == ["full_1_A.pt", "full_1_B.pt", "linear_1-4_A.pt", "window_1-4_A.pt"]
+    saved = torch.load(tmp_path / "rows" / "window_1-4_A.pt", weights_only=True)
+    saved["row"]["images_per_s"] = -1.0
+    torch.save(saved, tmp_path / "rows" / "window_1-4_A.pt")
+    again = evaluate(bundle=args.bundle, samples=args.samples, policies=args.policies, budgets=args.budgets,
+                     heldout=60, out_dir=args.out, progress=False)
+    assert again[-1].images_per_s == -1.0 and markdown_table(again[:3]) == markdown_table(rows[:3])
+    assert finished_row(tmp_path / "rows" / "full_1_A.pt", {**saved["settings"], "seed": 1}) is None
 
 
 @pytest.mark.timeout(300)

@@ -166,7 +166,7 @@ def evaluate(model_dir: str | Path | None = None, *, bundle: str = "digits", jud
         plan = spec.plan(cfg.grid_size, cfg.grid_size, cfg.image_tokens)
         bar.set_postfix_str(f"{plan.describe()}, seeds {seed_set}")
         done_file = None if done_dir is None else done_dir / f"{spec.policy}_{budget.replace('/', '-')}_{seed_set}.pt"
-        done = _load_row(done_file, settings)
+        done = finished_row(done_file, settings)
         if done is not None:
             rows.append(EvalRow(**done["row"]))
             if ref_logits is None:
@@ -212,7 +212,7 @@ def evaluate(model_dir: str | Path | None = None, *, bundle: str = "digits", jud
     return rows
 
 
-def _load_row(path: Path | None, settings: dict) -> dict | None:
+def finished_row(path: Path | None, settings: dict) -> dict | None:
     """A row finished by an earlier run with the same settings, or None."""
     if path is None or not path.is_file():
         return None
