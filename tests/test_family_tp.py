@@ -6,8 +6,6 @@ and without qk-norm. Then the same through the workers: a TPReplica of two Ray a
 Conditions, with random weights from a ModelSpec.
 """
 import itertools
-import shutil
-import tempfile
 
 import pytest
 import torch
@@ -22,6 +20,7 @@ from lineray.models.layers import TPGroup
 from lineray.models.transformer import Transformer
 from lineray.workers.parallel_state import interface_of
 from test_family import PROMPTS, SEEDS, janus_tiny
+from test_tp import ray_local  # noqa: F401 - the private local Ray of the TP replica tests
 
 SAMPLING = SamplingConfig(cfg_scale=5.0)
 SPECS = {"full": CacheSpec(), "linear": CacheSpec("linear", lines=2), "window": CacheSpec("window", lines=2),
@@ -99,21 +98,6 @@ def test_a_rank_holds_its_share_of_the_janus_weights(ckpt_dir):
     assert torch.equal(got["layers.0.attention.q_norm.weight"], full["layers.0.attention.q_norm.weight"][2:])
     assert torch.equal(got["image_embedding.fc1.bias"], full["image_embedding.fc1.bias"])
     assert torch.equal(got["prompt_embedding.weight"], full["prompt_embedding.weight"])
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    from lineray.cluster.local import ensure_ray
-    assert not ray.is_initialized(), "another test left Ray running"
-    temp_dir = tempfile.mkdtemp(prefix="lr-fam-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    started = ensure_ray(num_cpus=2, temp_dir=temp_dir)
-    try:
-        yield
-    finally:
-        if started:
-            ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.timeout(240)
