@@ -168,7 +168,8 @@ def main() -> None:
         full = memory_plan(cfg, cache_spec("full"), torch.bfloat16).kv_bytes_per_image
         for p in ["full", "linear:1/4", "linear:1/6", "linear:1/8"]:
             plan = memory_plan(cfg, cache_spec(p), torch.bfloat16)
-            rows.append(dict(max_prefix_len=max_prefix, policy=p, slots=max_prefix + cfg.cache_plan(cache_spec(p)).visual_capacity,
+            slots = max_prefix + cfg.cache_plan(cache_spec(p)).visual_capacity
+            rows.append(dict(max_prefix_len=max_prefix, policy=p, slots=slots,
                              kv_per_image_mib=plan.kv_bytes_per_image / MiB, kv_vs_full=plan.kv_bytes_per_image / full,
                              batch_in_8gib_kv=8 * 2**30 // plan.kv_bytes_per_image,
                              batch_in_80gib=plan.max_batch(80 * 2**30)))

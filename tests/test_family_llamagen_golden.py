@@ -19,8 +19,8 @@ from lineray.models.llamagen import Transformer
 from lineray.models.spec import ModelSpec
 
 GOLDEN = Path(__file__).parent / "data" / "llamagen_golden.pt"
-SPECS = {"full": CacheSpec(), "linear": CacheSpec("linear", rho=0.25), "linear_pool": CacheSpec("linear", lines=3, pool=3),
-         "window": CacheSpec("window", lines=3), "heavy_hitter": CacheSpec("heavy_hitter", lines=4)}
+SPECS = {"full": CacheSpec(), "linear": CacheSpec("linear", rho=0.25),
+         "linear_pool": CacheSpec("linear", lines=3, pool=3), "window": CacheSpec("window", lines=3), "heavy_hitter": CacheSpec("heavy_hitter", lines=4)}
 MODES = ("dynamic", "static", "compiled")
 SAMPLING = SamplingConfig(cfg_scale=3.0, temperature=1.0, top_k=50, top_p=0.95)
 
