@@ -9,7 +9,7 @@ from lineray.kernels.sampling import SamplingConfig
 from lineray.models.checkpoint import CheckpointError, CheckpointReader, load_checkpoint
 from lineray.models.generate import Condition, generate_tokens
 from lineray.models.layers import TPGroup
-from lineray.models.llamagen import Transformer
+from lineray.models.transformer import Transformer
 from lineray.models.vq import VQConfig, VQDecoder
 from conftest import tiny_model
 
