@@ -161,20 +161,40 @@ def deepseek_config(tf_config) -> dict:
     }
 
 
-def write_shards(folder: Path, state: dict[str, torch.Tensor], fmt: str) -> None:
-    """Two shards as transformers names them (keys alternate, so q/k/v of a layer span both) + index."""
+def write_shards(folder: Path, state: dict[str, torch.Tensor], fmt: str) -> Path:
+    """Two shards as transformers names them (keys alternate, so q/k/v of a layer span both) + the index;
+    returns the index's path."""
+    folder.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
         names, index = [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)], "model.safetensors.index.json"
     else:
         names, index = [f"pytorch_model-0000{i}-of-00002.bin" for i in (1, 2)], "pytorch_model.bin.index.json"
     shards: list[dict] = [{}, {}]
     for i, key in enumerate(sorted(state)):
-        shards[i % 2][key] = state[key]
+        shards[i % 2][key] = state[key].contiguous().clone()
     for name, shard in zip(names, shards):
         save_file(shard, folder / name) if fmt == "safetensors" else torch.save(shard, folder / name)
     total = sum(v.numel() * v.element_size() for v in state.values())
     (folder / index).write_text(json.dumps({"metadata": {"total_size": total},
                                             "weight_map": {k: names[i] for i, s in enumerate(shards) for k in s}}))
+    return folder / index
+
+
+class RecordingReader:
+    """A reader that remembers every (key, rows, cols) it was asked for."""
+
+    def __init__(self, reader):
+        self.inner, self.path, self.calls = reader, reader.path, []
+
+    def keys(self):
+        return self.inner.keys()
+
+    def shape(self, key):
+        return self.inner.shape(key)
+
+    def read(self, key, rows=None, cols=None):
+        self.calls.append((key, rows, cols))
+        return self.inner.read(key, rows, cols)
 
 
 @torch.no_grad()

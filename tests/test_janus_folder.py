@@ -8,11 +8,11 @@ import shutil
 import pytest
 import torch
 
-from janus_fixtures import BOS, CFG_PAD, janus, write_tokenizer  # noqa: F401 (janus: the session fixture)
+from janus_fixtures import BOS, CFG_PAD, RecordingReader, janus, write_tokenizer  # noqa: F401 (janus: the session fixture)
 from lineray.models.checkpoint import CheckpointError, CheckpointReader, KeyMappedReader, load_checkpoint
 from lineray.models.config import preset
 from lineray.models.janus import folder as jfolder
-from lineray.models.janus.keys import DEEPSEEK, lm_key_map
+from lineray.models.janus.keys import lm_key_map
 from lineray.models.layers import TPGroup
 from lineray.models.transformer import Transformer
 from lineray.models.vq import VQConfig, VQDecoder, config_from_shapes
@@ -97,21 +97,6 @@ def test_vq16_shape_is_read_back_from_its_tensors():
         with torch.device("meta"):
             shapes = {k: tuple(v.shape) for k, v in VQDecoder(cfg).state_dict().items()}
         assert config_from_shapes(shapes) == cfg
-
-
-class RecordingReader:
-    def __init__(self, reader):
-        self.inner, self.path, self.calls = reader, reader.path, []
-
-    def keys(self):
-        return self.inner.keys()
-
-    def shape(self, key):
-        return self.inner.shape(key)
-
-    def read(self, key, rows=None, cols=None):
-        self.calls.append((key, rows, cols))
-        return self.inner.read(key, rows, cols)
 
 
 @pytest.mark.parametrize("layout", ["transformers", "bin-shards"])

@@ -5,7 +5,7 @@ alone; the deepseek layouts give identical tokens; the VQ decoder gives transfor
 import pytest
 import torch
 
-from janus_fixtures import GUIDANCES, PROMPTS, janus, prompt_ids  # noqa: F401 (janus: the session fixture)
+from janus_fixtures import GUIDANCES, PROMPTS, janus  # noqa: F401 (janus: the session fixture)
 from lineray.cache import CacheSpec
 from lineray.kernels.sampling import SamplingConfig
 from lineray.models.checkpoint import load_checkpoint

@@ -4,7 +4,7 @@ from tokenizers import AddedToken, Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 
-from janus_fixtures import BOI, BOS, CFG_PAD, PROMPTS, SPECIALS, janus, prompt_ids  # noqa: F401
+from janus_fixtures import BOI, BOS, CFG_PAD, PROMPTS, janus, prompt_ids  # noqa: F401 (janus: the session fixture)
 from lineray.models.janus.folder import FolderError, check_folder
 from lineray.models.janus.prompt import PromptEncoder, PromptError
 
