@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from janus_fixtures import BOS, CFG_PAD, RecordingReader, janus, write_tokenizer  # noqa: F401 (janus: the session fixture)
+from janus_fixtures import BOS, CFG_PAD, RecordingReader, janus, write_tokenizer  # noqa: F401 (janus: fixture)
 from lineray.models.checkpoint import CheckpointError, CheckpointReader, KeyMappedReader, load_checkpoint
 from lineray.models.config import preset
 from lineray.models.janus import folder as jfolder
@@ -85,7 +85,8 @@ def test_published_deepseek_configs_read_as_the_presets(tmp_path, name):
     (tmp_path / "config.json").write_text(json.dumps({
         "language_config": {"max_position_embeddings": 16384, "model_type": "llama", "torch_dtype": "bfloat16",
                             "vocab_size": 102400, **PUBLISHED_LM[name]},
-        "vision_config": {"cls": "CLIPVisionTower", "params": {"image_size": 384, "model_name": "siglip_large_patch16_384"}},
+        "vision_config": {"cls": "CLIPVisionTower",
+                          "params": {"image_size": 384, "model_name": "siglip_large_patch16_384"}},
         "gen_vision_config": {"cls": "VQ-16", "params": {"image_token_size": 16384, "n_embed": 8}},
         "gen_aligner_config": {"cls": "MlpProjector", "params": {"depth": 2, "input_dim": 8, "n_embed": p.dim,
                                                                  "projector_type": "mlp_gelu"}},
