@@ -210,6 +210,10 @@ def test_bad_folders_fail_in_one_line_naming_the_file_or_field(janus, tmp_path):
     raw["gen_aligner_config"]["params"]["n_embed"] = 32
     (d / "config.json").write_text(json.dumps(raw))
     fails(d, r"gen_aligner_config\.params\.n_embed 32 differs from the LM's hidden_size 64")
+    raw["gen_aligner_config"]["params"]["n_embed"] = 64
+    raw["language_config"]["num_key_value_heads"] = 3
+    (d / "config.json").write_text(json.dumps(raw))
+    fails(d, r"config\.json: n_head 4 is not a multiple of n_kv_head 3")
     (d / "pytorch_model.bin").unlink()
     with pytest.raises(CheckpointError, match=r"no checkpoint in .*pytorch_model\.bin"):
         jfolder.lm_reader(d, jfolder.read_config(janus.deepseek_dirs["bin"]))
