@@ -48,7 +48,8 @@ class Oracle:
 
 @dataclass
 class JanusFiles:
-    tf_dir: Path  # transformers layout (save_pretrained)
+    tf_dir: Path  # transformers layout (save_pretrained: one model.safetensors)
+    tf_shards_dir: Path  # the same, saved in 1 MB shards + model.safetensors.index.json
     deepseek_dirs: dict[str, Path]  # "bin", "bin-shards", "safetensors-shards" -> folder
     model: object  # the transformers model (eval)
     tf_state: dict[str, torch.Tensor]
@@ -252,6 +253,9 @@ def build(root: Path) -> JanusFiles:
     tf_dir = root / "transformers"
     model.save_pretrained(tf_dir)
     write_tokenizer(tf_dir)
+    tf_shards_dir = root / "transformers-shards"
+    model.save_pretrained(tf_shards_dir, max_shard_size="1MB")
+    write_tokenizer(tf_shards_dir)
     tf_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ds_state = to_deepseek(tf_state)
     ds_config = json.dumps(deepseek_config(model.config), indent=2)
@@ -265,7 +269,7 @@ def build(root: Path) -> JanusFiles:
             torch.save(ds_state, d / "pytorch_model.bin")
         else:
             write_shards(d, ds_state, name.split("-")[0])
-    files = JanusFiles(tf_dir, dirs, model, tf_state, ds_state)
+    files = JanusFiles(tf_dir, tf_shards_dir, dirs, model, tf_state, ds_state)
     for p, text in enumerate(PROMPTS):
         for g in GUIDANCES:
             files.oracle[p, g] = transformers_generate(model, prompt_ids(text), g)

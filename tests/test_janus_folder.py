@@ -17,11 +17,12 @@ from lineray.models.layers import TPGroup
 from lineray.models.transformer import Transformer
 from lineray.models.vq import VQConfig, VQDecoder, config_from_shapes
 
-LAYOUTS = ["transformers", "bin", "bin-shards", "safetensors-shards"]
+LAYOUTS = ["transformers", "transformers-shards", "bin", "bin-shards", "safetensors-shards"]
 
 
 def folder_of(janus, layout):
-    return janus.tf_dir if layout == "transformers" else janus.deepseek_dirs[layout]
+    return {"transformers": janus.tf_dir, "transformers-shards": janus.tf_shards_dir}.get(layout) \
+        or janus.deepseek_dirs[layout]
 
 
 def expected_state(tf: dict) -> dict:
