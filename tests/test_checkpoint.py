@@ -288,3 +288,14 @@ def test_key_map_names_missing_and_unexpected_keys_with_their_file(tmp_path):
         KeyMappedReader(reader, {"wqkv": ["m.q", "m.k", "m.v"]}, skip=("extra.",))
     with pytest.raises(CheckpointError, match=r"does not know: extra\.w \(in .*pytorch_model-0000[12]-of-00002\.bin\)"):
         KeyMappedReader(reader, {"wqkv": ["m.q", "m.k"]})
+
+
+def test_bf16_shards_load_into_an_fp32_model(tmp_path):
+    """Published Janus-Pro weights are bf16 pickles: they load cast to the model's dtype."""
+    src = tiny_model(8)
+    sd = {k: v.to(torch.bfloat16) for k, v in src.state_dict().items()}
+    write_shards(tmp_path, sd, "bin")
+    dst = fresh(src)
+    load_checkpoint(dst, tmp_path)
+    got = dst.state_dict()
+    assert all(got[k].dtype == torch.float32 and torch.equal(got[k], v.float()) for k, v in sd.items())
