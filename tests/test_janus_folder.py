@@ -215,6 +215,10 @@ def test_bad_folders_fail_in_one_line_naming_the_file_or_field(janus, tmp_path):
     raw["language_config"]["num_key_value_heads"] = 3
     (d / "config.json").write_text(json.dumps(raw))
     fails(d, r"config\.json: n_head 4 is not a multiple of n_kv_head 3")
+    raw["language_config"]["num_key_value_heads"] = 4
+    raw["language_config"]["vocab_size"] = 3
+    (d / "config.json").write_text(json.dumps(raw))
+    fails(d, r"the begin-of-image id 5 of .*tokenizer\.json is outside the text vocabulary \(3\)")
     (d / "pytorch_model.bin").unlink()
     with pytest.raises(CheckpointError, match=r"no checkpoint in .*pytorch_model\.bin"):
         jfolder.lm_reader(d, jfolder.read_config(janus.deepseek_dirs["bin"]))

@@ -109,6 +109,10 @@ def read_config(folder: str | Path, max_prefix_len: int | None = None) -> GPTCon
     f.require(max_prefix_len <= room, f"max_prefix_len {max_prefix_len} + {grid * grid} image tokens exceed "
                                       f"max_position_embeddings")
     prompts = prompt_encoder(f.path)
+    vocab = text["text_vocab_size"]
+    for what, i in (("BOS", prompts.bos_id), ("begin-of-image", prompts.boi_id), ("CFG pad", prompts.cfg_pad_id)):
+        f.require(i < vocab, f"the {what} id {i} of {prompts.source} is outside the text vocabulary ({vocab}): "
+                             f"another model's tokenizer?")
     fields = {**family_of("janus").switches, **text, **gen, "family": "janus", "grid_size": grid,
               "max_prefix_len": max_prefix_len, "bos_token_id": prompts.bos_id, "cfg_pad_token_id": prompts.cfg_pad_id}
     try:
