@@ -1,0 +1,106 @@
+"""Reading a Lumina-mGPT checkpoint folder as published (Alpha-VLLM/Lumina-mGPT-7B-{512,768,1024}).
+
+A folder holds `config.json` (a ChameleonConfig: `architectures` ChameleonXLLMXForConditionalGeneration,
+the shapes, `vocabulary_map` with every token name, `vq_config`), the weights as
+`model-0000x-of-00002.safetensors` + `model.safetensors.index.json` (or one file), and, in the 768
+repository, `tokenizer.json`. Folders written by transformers' `ChameleonForConditionalGeneration.
+save_pretrained` have the same keys plus the image tokenizer's encoder (`model.vqmodel.*`), which
+generation does not use and which is skipped by name.
+
+Weight names are HF Chameleon's (`model.layers.N.self_attn.q_proj.weight`, ...); KEY_MAP below puts
+them onto lineray's names. q_norm/k_norm (per-head LayerNorm, weight and bias) are stored
+[model_parallel_size, head_dim] by Lumina's converter (`reshape(1, -1)`, repeated over heads at run
+time) and [heads, head_dim] by transformers: both load, repeated to lineray's [heads, head_dim].
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from lineray.models.lumina.vocab import LuminaVocab
+
+ARCHITECTURES = ("ChameleonXLLMXForConditionalGeneration", "ChameleonForConditionalGeneration")
+SKIPPED_PREFIXES = ("model.vqmodel.",)  # the VQ encoder transformers keeps; never used for generation
+
+
+class LuminaFolderError(ValueError):
+    """A folder that is not a usable Lumina-mGPT / Chameleon checkpoint; the message names the file."""
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise LuminaFolderError(f"{path.name} not found in {path.parent}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LuminaFolderError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise LuminaFolderError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_hf_config(folder: str | os.PathLike) -> dict:
+    """config.json, checked to be a Chameleon causal LM lineray can run."""
+    path = Path(folder) / "config.json"
+    cfg = read_json(path)
+    arch = cfg.get("architectures") or []
+    if not any(a in ARCHITECTURES for a in arch) and cfg.get("model_type") != "chameleon":
+        raise LuminaFolderError(f"{path}: architectures {arch} is not a Chameleon / Lumina-mGPT model "
+                                f"(expected one of {', '.join(ARCHITECTURES)})")
+    if cfg.get("swin_norm"):
+        raise LuminaFolderError(f"{path}: swin_norm true (the Chameleon-30B/34B block order) is not supported")
+    for key in ("attention_bias", "mlp_bias"):
+        if cfg.get(key):
+            raise LuminaFolderError(f"{path}: {key} true is not supported (Chameleon-7B has no biases)")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                           "vocab_size") if k not in cfg]
+    if missing:
+        raise LuminaFolderError(f"{path}: missing {', '.join(missing)}")
+    return cfg
+
+
+def read_vocab(folder: str | os.PathLike, hf_config: dict | None = None) -> LuminaVocab:
+    """The vocabulary from config.json's `vocabulary_map`, else from tokenizer.json."""
+    folder = Path(folder)
+    cfg = read_hf_config(folder) if hf_config is None else hf_config
+    names = cfg.get("vocabulary_map")
+    source = str(folder / "config.json") + " vocabulary_map"
+    if not names:
+        tok = folder / "tokenizer.json"
+        if not tok.is_file():
+            raise LuminaFolderError(f"{folder}: config.json has no vocabulary_map and there is no tokenizer.json")
+        from tokenizers import Tokenizer
+        names, source = Tokenizer.from_file(str(tok)).get_vocab(with_added_tokens=True), str(tok)
+    return LuminaVocab.from_names(names, cfg["vocab_size"], source=source)
+
+
+def key_map(n_layer: int) -> dict[str, str | list[str]]:
+    """lineray key -> HF Chameleon key (or keys concatenated along dim 0)."""
+    m: dict[str, str | list[str]] = {"prompt_embedding.weight": "model.embed_tokens.weight",
+                                     "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+    for i in range(n_layer):
+        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
+        m[ours + "attention.wqkv.weight"] = [f"{theirs}self_attn.{p}_proj.weight" for p in "qkv"]
+        m[ours + "attention.wo.weight"] = theirs + "self_attn.o_proj.weight"
+        for norm in ("q_norm", "k_norm"):
+            for p in ("weight", "bias"):
+                m[f"{ours}attention.{norm}.{p}"] = f"{theirs}self_attn.{norm}.{p}"
+        m[ours + "feed_forward.w1.weight"] = theirs + "mlp.gate_proj.weight"
+        m[ours + "feed_forward.w3.weight"] = theirs + "mlp.up_proj.weight"
+        m[ours + "feed_forward.w2.weight"] = theirs + "mlp.down_proj.weight"
+        m[ours + "attention_norm.weight"] = theirs + "input_layernorm.weight"
+        m[ours + "ffn_norm.weight"] = theirs + "post_attention_layernorm.weight"
+    return m
+
+
+def repeat_over_heads(value: torch.Tensor, heads: int) -> torch.Tensor:
+    """A qk-norm parameter [groups, head_dim] (Lumina: groups = model_parallel_size = 1; transformers:
+    groups = heads) -> [heads, head_dim], each group's row repeated for its heads (Lumina's
+    ChameleonLayerNorm.repeat_param: repeat_interleave(heads // groups))."""
+    groups = value.size(0)
+    if value.dim() != 2 or heads % groups:
+        raise LuminaFolderError(f"qk-norm parameter of shape {list(value.shape)} does not fit {heads} heads")
+    return value.repeat_interleave(heads // groups, dim=0)
