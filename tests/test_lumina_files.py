@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from lineray.models.lumina.folder import LuminaFolderError, key_map, read_hf_config, read_vocab, repeat_over_heads
+from lineray.models.checkpoint import Source
+from lineray.models.lumina.folder import (LuminaFolderError, key_map, open_weights, read_hf_config, read_vocab,
+                                         repeat_over_heads)
 from lineray.models.lumina.prompt import ImageSize, LuminaPromptEncoder, PromptError
 from lineray.models.lumina.vocab import LuminaVocab, VocabularyError, image_code
 from lumina_fixtures import CODE_POSITION, IMAGE_START, N_CODES, build_tiny_lumina, vocabulary_map
@@ -102,8 +104,8 @@ def test_key_map_covers_every_weight_and_qk_norm_repeats(tiny):
         with safe_open(str(f), "pt") as st:
             keys |= set(st.keys())
     mapped = set()
-    for v in key_map(2).values():
-        mapped |= set(v if isinstance(v, list) else [v])
+    for v in key_map(2, 4).values():
+        mapped |= set(v.keys if isinstance(v, Source) else v if isinstance(v, list) else [v])
     assert mapped == keys  # every published tensor has a lineray home, nothing is invented
     row = torch.randn(1, 16)
     assert torch.equal(repeat_over_heads(row, 4), row.expand(4, 16))
@@ -111,3 +113,21 @@ def test_key_map_covers_every_weight_and_qk_norm_repeats(tiny):
     assert torch.equal(repeat_over_heads(per_head, 4), per_head)
     with pytest.raises(LuminaFolderError, match="does not fit 4 heads"):
         repeat_over_heads(torch.randn(3, 16), 4)
+
+
+def test_both_layouts_read_the_same_tensors_under_lineray_names(tiny):
+    hf = open_weights(tiny.hf, 2, 4)
+    published = open_weights(tiny.lumina, 2, 4)
+    assert sorted(hf.keys()) == sorted(published.keys())
+    assert "model.vqmodel" in hf.skipped and not published.skipped  # transformers keeps the VQ encoder
+    assert published.reader.shape("model.layers.0.self_attn.q_norm.weight") == (1, 16)  # Lumina's [1, head_dim]
+    assert hf.reader.shape("model.layers.0.self_attn.q_norm.weight") == (4, 16)
+    for key in hf.keys():
+        assert hf.shape(key) == published.shape(key)
+        assert torch.equal(hf.read(key), published.read(key)), key
+    assert published.shape("layers.1.attention.k_norm.bias") == (4, 16)
+    # a tensor-parallel rank's rows: heads 2..3 of the norm, the k rows of the fused qkv
+    torch.testing.assert_close(published.read("layers.1.attention.k_norm.bias", rows=slice(2, 4)),
+                               tiny.model.model.layers[1].self_attn.k_norm.bias[2:4].detach())
+    torch.testing.assert_close(published.read("layers.0.attention.wqkv.weight", rows=slice(64, 96)),
+                               tiny.model.model.layers[0].self_attn.k_proj.weight[:32].detach())

@@ -14,12 +14,14 @@ time) and [heads, head_dim] by transformers: both load, repeated to lineray's [h
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
 
 import torch
 
+from lineray.models.checkpoint import CheckpointReader, KeyMap, KeyMappedReader, Source
 from lineray.models.lumina.vocab import LuminaVocab
 
 ARCHITECTURES = ("ChameleonXLLMXForConditionalGeneration", "ChameleonForConditionalGeneration")
@@ -77,17 +79,18 @@ def read_vocab(folder: str | os.PathLike, hf_config: dict | None = None) -> Lumi
     return LuminaVocab.from_names(names, cfg["vocab_size"], source=source)
 
 
-def key_map(n_layer: int) -> dict[str, str | list[str]]:
-    """lineray key -> HF Chameleon key (or keys concatenated along dim 0)."""
-    m: dict[str, str | list[str]] = {"prompt_embedding.weight": "model.embed_tokens.weight",
+def key_map(n_layer: int, n_head: int, n_kv_head: int | None = None) -> KeyMap:
+    """lineray key -> HF Chameleon key (or keys concatenated along dim 0; qk-norms repeated over heads)."""
+    m: KeyMap = {"prompt_embedding.weight": "model.embed_tokens.weight",
                                      "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
     for i in range(n_layer):
         ours, theirs = f"layers.{i}.", f"model.layers.{i}."
         m[ours + "attention.wqkv.weight"] = [f"{theirs}self_attn.{p}_proj.weight" for p in "qkv"]
         m[ours + "attention.wo.weight"] = theirs + "self_attn.o_proj.weight"
-        for norm in ("q_norm", "k_norm"):
+        for norm, heads in (("q_norm", n_head), ("k_norm", n_kv_head or n_head)):
             for p in ("weight", "bias"):
-                m[f"{ours}attention.{norm}.{p}"] = f"{theirs}self_attn.{norm}.{p}"
+                m[f"{ours}attention.{norm}.{p}"] = Source((f"{theirs}self_attn.{norm}.{p}",),
+                                                          functools.partial(repeat_over_heads, heads=heads))
         m[ours + "feed_forward.w1.weight"] = theirs + "mlp.gate_proj.weight"
         m[ours + "feed_forward.w3.weight"] = theirs + "mlp.up_proj.weight"
         m[ours + "feed_forward.w2.weight"] = theirs + "mlp.down_proj.weight"
@@ -104,3 +107,9 @@ def repeat_over_heads(value: torch.Tensor, heads: int) -> torch.Tensor:
     if value.dim() != 2 or heads % groups:
         raise LuminaFolderError(f"qk-norm parameter of shape {list(value.shape)} does not fit {heads} heads")
     return value.repeat_interleave(heads // groups, dim=0)
+
+
+def open_weights(folder: str | os.PathLike, n_layer: int, n_head: int, n_kv_head: int | None = None) -> KeyMappedReader:
+    """The folder's weights (one file, or shards + index) under lineray's names; a TP rank reading
+    through it touches only its slices (the qk-norms, a few KB, are read whole)."""
+    return KeyMappedReader(CheckpointReader(folder), key_map(n_layer, n_head, n_kv_head), skip=SKIPPED_PREFIXES)

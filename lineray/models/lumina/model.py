@@ -1,0 +1,92 @@
+"""Lumina-mGPT's parts on the shared Transformer (MODELS.md B1-B3; issue 14).
+
+The LM is Chameleon-7B: the shared Llama blocks with qk-norm (per-head LayerNorm with weight and
+bias on q and k, before RoPE), 1D rotate-half RoPE (theta 10000), RMSNorm eps 1e-5, SwiGLU. What is
+Lumina's own:
+
+  prompt_embedding  one table for the whole 65,536-token vocabulary (Chameleon's embed_tokens). It
+                    embeds the prompt AND the image tokens: the image tokens are ids of the same
+                    vocabulary (codes `IMGIMG...Z`, end-of-line `<reserved08799>`), so the family
+                    registers it once, under one name, as both the prefix and the image embedding.
+  output            lm_head restricted to the rows of the image codes (one contiguous id range,
+                    read by name from the vocabulary), vocab-parallel: a rank reads and multiplies
+                    only its share of those rows. Its logits are indexed by token id up to
+                    `vocab_size` (past the end-of-line id); columns that are not image codes hold
+                    NOT_AN_IMAGE_CODE, so at an image position only image codes are sampled, with or
+                    without CFG (a finite value: guidance subtracts two such columns).
+
+Token layout of one image (item_processor.py; inference_solver.py MultiModalLogitsProcessor): the
+prompt, begin-of-image, the height and width size tokens (here forced from the requested size, so
+they are the last three prefix tokens), then `grid_h` lines of `grid_w` codes + one end-of-line
+token (forced: `line_extra` 1, `line_token_id`), then end-of-image (forced; never fed, added by
+`token_stream`). A LineAR line is therefore `grid_w + 1` tokens.
+
+CFG as Lumina runs it (LLMImageStartTriggeredUnbatchedClassifierFreeGuidanceLogitsProcessor): the
+unconditional branch is its own sequence [begin-of-image, h, w, generated...] with positions from
+0. With left padding, a key mask and per-row positions it is a row whose prefix is the last three
+slots of its prompt row (`null_prompt`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lineray.models.config import GPTConfig
+from lineray.models.layers import CheckpointTensor, SliceReader, TPGroup
+
+IMAGE_PREFIX_TOKENS = 3  # begin-of-image, height, width: the unconditional row's whole prefix
+NOT_AN_IMAGE_CODE = -1e30  # the logit of every head column that is not an image code
+
+
+def shared_embedding(cfg: GPTConfig) -> nn.Module:
+    """The shared text+image table (built once when the family registers it under one name)."""
+    return nn.Embedding(cfg.text_vocab_size, cfg.dim)
+
+
+class ImageCodeHead(nn.Module):
+    """lm_head's image-code rows [start, stop) of a [text_vocab, dim] checkpoint tensor, split by rows
+    across ranks and gathered; logits [..., vocab_size] indexed by token id."""
+
+    def __init__(self, cfg: GPTConfig, tp: TPGroup = TPGroup()):
+        super().__init__()
+        self.tp = tp
+        self.start, self.stop = cfg.image_token_range
+        self.width = cfg.vocab_size
+        self.full_shape = (cfg.text_vocab_size, cfg.dim)
+        rows = tp.part(self.stop - self.start)
+        self.weight = nn.Parameter(torch.empty(rows.stop - rows.start, cfg.dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes = self.tp.all_gather_last(F.linear(x, self.weight), self.stop - self.start)
+        if self.start == 0 and self.stop == self.width:
+            return codes
+        out = codes.new_full((*codes.shape[:-1], self.width), NOT_AN_IMAGE_CODE)
+        out[..., self.start:self.stop] = codes
+        return out
+
+    def load_shard(self, read: SliceReader) -> torch.Tensor:
+        mine = self.tp.part(self.stop - self.start)
+        return read(rows=slice(self.start + mine.start, self.start + mine.stop))
+
+    def checkpoint_tensors(self, prefix: str) -> list[CheckpointTensor]:
+        return [CheckpointTensor(prefix + "weight", self.full_shape, self.weight, self.load_shard)]
+
+
+def output_head(cfg: GPTConfig, tp: TPGroup) -> nn.Module:
+    return ImageCodeHead(cfg, tp)
+
+
+def null_prompt(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None):
+    """Lumina's unconditional rows: only the image prefix (begin-of-image, height, width), which is the
+    last three slots of every left-padded prompt row; the rest is masked, so its positions start at 0."""
+    keep = torch.arange(ids.size(1), device=ids.device) >= ids.size(1) - IMAGE_PREFIX_TOKENS
+    null_mask = keep.expand_as(ids).clone()
+    return ids, null_mask if mask is None else null_mask & mask
+
+
+def token_stream(tokens: torch.Tensor, prefix: list[int], end_of_image: int) -> torch.Tensor:
+    """One image's tokens [N] as the original model emits them after the prompt:
+    begin-of-image, height, width, the lines with their end-of-line tokens, end-of-image."""
+    head = torch.tensor(prefix[-IMAGE_PREFIX_TOKENS:], dtype=torch.long, device=tokens.device)
+    return torch.cat([head, tokens, torch.tensor([end_of_image], device=tokens.device)])
