@@ -43,6 +43,8 @@ class GPTConfig:
     head_hidden: int = 0  # Janus: hidden width of the gen_head MLP; 0 = LlamaGen's single Linear head
     bos_token_id: int | None = None  # text prompts: the tokenizer's ids (read from tokenizer.json)
     cfg_pad_token_id: int | None = None  # Janus: fills the CFG null prompt between BOS and the last token
+    line_token_id: int | None = None  # the token of each line's extra slots (Lumina's end-of-line), forced
+    image_token_range: tuple[int, int] | None = None  # Lumina: head columns [start, stop) that are image codes
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
@@ -143,7 +145,12 @@ _JANUS = {
     "janus-pro-7b": dict(family="janus", n_layer=30, n_head=32, dim=4096, head_hidden=4096,  # FFN 11008
                          text_vocab_size=102400, max_prefix_len=256),
 }
-PRESETS = {**_LLAMAGEN, **_SMALL, **_JANUS}
+# Lumina-mGPT 7B (MODELS.md B1-B4): Chameleon-7B, one preset per published resolution (the grid is
+# px / 16 a side; non-square sizes set grid_size (rows) and grid_w). Family switches and the published
+# vocabulary's ids: lineray.models.lumina.model.SWITCHES; a checkpoint folder's own ids replace them.
+_LUMINA = {f"lumina-mgpt-{px}": dict(family="lumina", n_layer=32, n_head=32, dim=4096, grid_size=px // 16)  # FFN 11008
+           for px in (512, 768, 1024)}
+PRESETS = {**_LLAMAGEN, **_SMALL, **_JANUS, **_LUMINA}
 
 
 def preset_family(name: str) -> str:

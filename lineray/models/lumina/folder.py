@@ -17,11 +17,14 @@ from __future__ import annotations
 import functools
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from lineray.models.config import GPTConfig, round_up
 from lineray.models.checkpoint import CheckpointReader, KeyMap, KeyMappedReader, Source
+from lineray.models.layers import TPGroup
 from lineray.models.lumina.vocab import LuminaVocab
 
 ARCHITECTURES = ("ChameleonXLLMXForConditionalGeneration", "ChameleonForConditionalGeneration")
@@ -113,3 +116,46 @@ def open_weights(folder: str | os.PathLike, n_layer: int, n_head: int, n_kv_head
     """The folder's weights (one file, or shards + index) under lineray's names; a TP rank reading
     through it touches only its slices (the qk-norms, a few KB, are read whole)."""
     return KeyMappedReader(CheckpointReader(folder), key_map(n_layer, n_head, n_kv_head), skip=SKIPPED_PREFIXES)
+
+
+def ffn_fields(dim: int, hidden: int) -> dict:
+    """GPTConfig fields whose ffn_hidden is exactly `hidden` (config.json's intermediate_size)."""
+    base = int(2 * 4 * dim / 3)
+    if round_up(base, 256) == hidden:
+        return dict(multiple_of=256, ffn_dim_multiplier=None)
+    return dict(multiple_of=hidden, ffn_dim_multiplier=hidden / base)  # int(m * base) rounds up to hidden
+
+
+def read_config(folder: str | os.PathLike, base: GPTConfig | None = None) -> tuple[GPTConfig, LuminaVocab]:
+    """The model config from config.json and its vocabulary, on top of `base` (a lumina preset: the
+    image size and prefix capacity; default lumina-mgpt-768)."""
+    from lineray.models.config import preset
+    hf = read_hf_config(folder)
+    rope = hf.get("rope_parameters") or {}  # transformers 5 keeps rope_theta here; older configs at the top
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if scaling:
+        raise LuminaFolderError(f"{Path(folder) / 'config.json'}: RoPE scaling {scaling} is not supported")
+    vocab = read_vocab(folder, hf)
+    base = base if base is not None else preset("lumina-mgpt-768")
+    dim, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    cfg = replace(base, family="lumina", n_layer=int(hf["num_hidden_layers"]), dim=dim, n_head=heads,
+                  n_kv_head=int(hf.get("num_key_value_heads") or heads), norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+                  rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), text_vocab_size=vocab.vocab_size,
+                  image_token_range=(vocab.image_start, vocab.image_stop), line_token_id=vocab.end_of_line,
+                  vocab_size=max(vocab.image_stop, vocab.end_of_line + 1), bos_token_id=vocab.bos,
+                  **ffn_fields(dim, int(hf["intermediate_size"])))
+    return cfg, vocab
+
+
+def load_model(folder: str | os.PathLike, base: GPTConfig | None = None, tp: TPGroup = TPGroup(),
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", **overrides):
+    """(model, vocabulary) from a Lumina-mGPT / Chameleon folder; `overrides` replace config fields
+    (e.g. grid_size, grid_w, max_prefix_len). A TP rank reads only its slices."""
+    from lineray.models.checkpoint import load_checkpoint
+    from lineray.models.transformer import Transformer
+    cfg, vocab = read_config(folder, base)
+    cfg = replace(cfg, **overrides)
+    with torch.device(device):
+        model = Transformer(cfg, tp)
+    load_checkpoint(model, open_weights(folder, cfg.n_layer, cfg.n_head, cfg.kv_heads))
+    return model.to(dtype).eval(), vocab
