@@ -165,17 +165,7 @@ def decode_step(model: Transformer, cache: KVCache, tokens: torch.Tensor, unifor
     step = cache.written  # index of the token sampled now
     guided = guided_logits(logits, tokens.size(0), step, sampling)
     tok = sample(guided, uniforms.index_select(1, step.view(1)).squeeze(1), sampling)
-    return guided, force_line_ends(model.config, tok, step)
-
-
-def force_line_ends(cfg, tok: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
-    """A line's extra slots (line_extra > 0: Lumina's end-of-line) hold the family's line token, never
-    a sampled one. step: the token's index, an int or a 0-dim device tensor (static step)."""
-    if not cfg.line_extra:
-        return tok
-    if torch.is_tensor(step):
-        return torch.where(step % cfg.line_tokens >= cfg.grid_width, cfg.line_token_id, tok)
-    return torch.full_like(tok, cfg.line_token_id) if step % cfg.line_tokens >= cfg.grid_width else tok
+    return guided, model.force_tokens(tok, step)
 
 
 _compiled_steps: dict = {}
@@ -296,7 +286,7 @@ def generate_tokens(model: Transformer, cond: Condition, seeds: list[int] | None
             if i > 0:
                 logits = model.decode(torch.cat([tok, tok]) if sampling.uses_cfg else tok, cache)
             guided = guided_logits(logits, n_img, i, sampling)
-            tok = force_line_ends(cfg, sample(guided, uniforms[:, i], sampling), i)
+            tok = model.force_tokens(sample(guided, uniforms[:, i], sampling), i)
         else:
             guided, tok = step(tok)
             cache.commit_static()

@@ -40,8 +40,20 @@ NOT_AN_IMAGE_CODE = -1e30  # the logit of every head column that is not an image
 
 
 def shared_embedding(cfg: GPTConfig) -> nn.Module:
-    """The shared text+image table (built once when the family registers it under one name)."""
+    """The shared text+image table, Chameleon's embed_tokens."""
     return nn.Embedding(cfg.text_vocab_size, cfg.dim)
+
+
+def image_embedding(cfg: GPTConfig, prefix: nn.Module) -> nn.Module:
+    """Image tokens are ids of the same vocabulary: the prefix table itself (registered once)."""
+    return prefix
+
+
+def forced_tokens(cfg: GPTConfig) -> torch.Tensor:
+    """[image_tokens]: end-of-line at each line's last slot, -1 (sampled) elsewhere."""
+    lines = torch.full((cfg.grid_h, cfg.line_tokens), -1, dtype=torch.long)
+    lines[:, cfg.grid_width:] = cfg.line_token_id
+    return lines.flatten()
 
 
 class ImageCodeHead(nn.Module):
