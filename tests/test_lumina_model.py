@@ -182,3 +182,32 @@ def test_mixed_length_batch_equals_each_prompt_alone(tiny):
         for r, prompt in enumerate(PROMPTS):
             _, alone = generate(model, vocab, enc, [prompt], "64x64", 3.0, spec, seeds=[r + 1])
             assert torch.equal(alone.tokens[0], batch.tokens[r]), (spec.policy, r)
+
+
+# -- decoding --------------------------------------------------------------------------------------------
+def test_generated_tokens_decode_through_the_vqgan(tiny, tmp_path):
+    """Greedy tokens -> Meta-layout VQGAN beside the folder -> images of the requested (non-square) size,
+    equal to the functional VQGAN reference on the codes the reference loop's tokens name."""
+    from test_vqgan import DDCONFIG, reference_decode, write_meta_files
+
+    from lineray.images import to_uint8
+    from lineray.models.lumina.folder import LuminaFolderError, load_vq_decoder
+    from lumina_fixtures import CODE_POSITION, IMAGE_START, N_CODES
+    with pytest.raises(LuminaFolderError, match="no Chameleon VQGAN"):
+        load_vq_decoder(tiny.lumina)
+    sd = write_meta_files(tmp_path, DDCONFIG, n_embed=N_CODES, embed_dim=8)
+    decoder = load_vq_decoder(tiny.lumina, tmp_path)
+    size = ImageSize.parse("96x64")
+    model, vocab = lineray_model(tiny.lumina, str(size))
+    enc = LuminaPromptEncoder.from_folder(tiny.lumina)
+    _, gen = generate(model, vocab, enc, PROMPTS[:2], size, 3.0)
+    images = decoder.decode_codes(gen.tokens.view(2, model.config.grid_h, model.config.line_tokens))
+    assert images.shape == (2, 3, 64, 96)
+    code_of_id = {IMAGE_START + CODE_POSITION[c]: c for c in range(N_CODES)}  # the fixture's names, not vocab.py
+    for r, prompt in enumerate(PROMPTS[:2]):
+        stream = reference_stream(tiny.model, tiny.lumina / "tokenizer.json", prompt, size, 3.0)
+        lines = torch.tensor(stream[3:-1]).view(4, 7)[:, :6]
+        codes = torch.tensor([[code_of_id[int(t)] for t in row] for row in lines])
+        torch.testing.assert_close(images[r:r + 1], reference_decode(sd, codes[None], DDCONFIG), atol=2e-5, rtol=1e-4)
+    pixels = to_uint8(images)
+    assert pixels.shape == (2, 64, 96, 3)

@@ -110,13 +110,13 @@ def reference_decode(sd: dict, codes: torch.Tensor, dd: dict) -> torch.Tensor:
     return conv(swish(gn(h, "decoder.norm_out")), "decoder.conv_out", 1).clamp(-1, 1)
 
 
-def write_meta_files(tmp_path, dd=DDCONFIG, state_dict=None):
+def write_meta_files(tmp_path, dd=DDCONFIG, state_dict=None, n_embed=N_EMBED, embed_dim=EMBED_DIM):
     """vqgan.ckpt ({"state_dict": ...}) and vqgan.yaml as Meta ships them (lossconfig included)."""
-    sd = meta_state_dict(dd, N_EMBED, EMBED_DIM) if state_dict is None else state_dict
+    sd = meta_state_dict(dd, n_embed, embed_dim) if state_dict is None else state_dict
     torch.save({"state_dict": sd}, tmp_path / "vqgan.ckpt")
     (tmp_path / "vqgan.yaml").write_text(yaml.safe_dump({"model": {
         "target": "taming.models.vqgan.VQModel",
-        "params": {"embed_dim": EMBED_DIM, "n_embed": N_EMBED, "ddconfig": dd,
+        "params": {"embed_dim": embed_dim, "n_embed": n_embed, "ddconfig": dd,
                    "lossconfig": {"target": "taming.modules.losses.vqperceptual.DummyLoss"}}}}))
     return sd
 

@@ -159,3 +159,23 @@ def load_model(folder: str | os.PathLike, base: GPTConfig | None = None, tp: TPG
         model = Transformer(cfg, tp)
     load_checkpoint(model, open_weights(folder, cfg.n_layer, cfg.n_head, cfg.kv_heads))
     return model.to(dtype).eval(), vocab
+
+
+VQGAN_FILES = ("vqgan.ckpt", "vqgan.yaml")
+
+
+def load_vq_decoder(folder: str | os.PathLike, vqgan_dir: str | os.PathLike | None = None):
+    """Chameleon's VQGAN (Meta's vqgan.ckpt + vqgan.yaml; the Hub folders do not carry it, LUM README:
+    ckpts/chameleon/tokenizer/) behind the folder's vocabulary. Looked for in `vqgan_dir`, else in the
+    model folder and its `vqgan/` or `tokenizer/` subfolder."""
+    from lineray.models.lumina.model import LuminaImageDecoder
+    from lineray.models.vqgan import VQGANDecoder
+    folder = Path(folder)
+    places = [Path(vqgan_dir)] if vqgan_dir is not None else [folder, folder / "vqgan", folder / "tokenizer"]
+    for place in places:
+        if all((place / f).is_file() for f in VQGAN_FILES):
+            vqgan = VQGANDecoder.from_files(place / "vqgan.ckpt", place / "vqgan.yaml")
+            return LuminaImageDecoder(vqgan, read_vocab(folder))
+    raise LuminaFolderError(f"no Chameleon VQGAN ({' + '.join(VQGAN_FILES)}, Meta's image tokenizer) in "
+                            f"{', '.join(map(str, places))}: Lumina-mGPT folders do not ship it; copy Meta's "
+                            f"files there")

@@ -116,3 +116,37 @@ def image_codes(tokens: torch.Tensor, cfg: GPTConfig, vocab) -> torch.Tensor:
     column dropped, BPE ids mapped to codes through the vocabulary's names."""
     lines = tokens.view(tokens.size(0), cfg.grid_h, cfg.line_tokens)[..., :cfg.grid_width]
     return vocab.bpe_to_code(lines.reshape(-1)).view(lines.shape)
+
+
+class LuminaImageDecoder(nn.Module):
+    """Lumina-mGPT's image tokens -> pixels: Chameleon's VQGAN behind the vocabulary's BPE -> code map.
+
+    `decode_codes` takes the generated tokens laid out by line, [B, grid_h, grid_w + 1] (each line's
+    end-of-line last, as `tokens.view(-1, cfg.grid_h, cfg.line_tokens)` gives them) or [B, grid_h,
+    grid_w] without it; it drops the end-of-line column, maps BPE ids to codes by name and decodes
+    (item_processor.decode_image). The rest of the decoder protocol is the VQGAN's."""
+
+    def __init__(self, vqgan, vocab):
+        super().__init__()
+        self.vqgan, self.vocab = vqgan, vocab
+        if vqgan.codebook_size != vocab.image_count:
+            raise ValueError(f"the VQGAN has {vqgan.codebook_size} codes but the vocabulary {vocab.image_count} "
+                             f"image tokens")
+
+    @property
+    def codebook_size(self) -> int:
+        return self.vqgan.codebook_size
+
+    def image_size(self, grid: int) -> int:
+        return self.vqgan.image_size(grid)
+
+    def to_device(self, device, dtype=None, channels_last=None) -> "LuminaImageDecoder":
+        self.vqgan.to_device(device, dtype, channels_last)
+        return self
+
+    def decode_codes(self, tokens: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        """tokens [B, h, w + 1] (or [B, h, w]) of BPE ids -> images [B, 3, 16h, 16w] in [-1, 1]."""
+        if ((tokens[..., -1] == self.vocab.end_of_line).all()):
+            tokens = tokens[..., :-1]
+        codes = self.vocab.bpe_to_code(tokens.reshape(-1)).view(tokens.shape)
+        return self.vqgan.decode_codes(codes, chunk_size)
