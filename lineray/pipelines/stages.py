@@ -68,7 +68,7 @@ class GenerateStage(_Reported):
             sampling = replace(self.sampling, cfg_scale=float(scale))
             seeds = [int(s) for s in np.asarray(batch["seed"])[idx]]
             tokens[idx] = self.replica.generate(self.condition(batch, idx), seeds, sampling=sampling).numpy()
-        out = {k: v for k, v in batch.items() if k not in ("embedding", "embedding_tokens")}
+        out = {k: v for k, v in batch.items() if k not in ("embedding", "embedding_tokens", "prompt_ids")}
         out["tokens"] = tokens
         out["generate_s"] = np.full(n, (time.perf_counter() - start) / n)  # for progress: generator busy time
         self._end(n)
@@ -79,6 +79,8 @@ class GenerateStage(_Reported):
         cfg = self.model_cfg
         if cfg.model_type == "c2i":
             return Condition.classes(torch.as_tensor(np.asarray(batch["label"])[idx], dtype=torch.long))
+        if cfg.model_type == "text":  # token ids from the reader (prompts.RowRules.prompt_ids)
+            return Condition.prompts([np.asarray(batch["prompt_ids"][i]).tolist() for i in idx])
         # Valid caption tokens go at the end of the condition slots, padding first (LlamaGen's layout).
         T, D = cfg.cls_token_num, cfg.caption_dim
         captions = torch.zeros(len(idx), T, D)
