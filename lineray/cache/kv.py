@@ -1,13 +1,16 @@
 """A static, preallocated KV cache shared by every policy.
 
 Per layer, K and V live in [rows, heads, capacity, head_dim] with
-capacity = prefix + visual_capacity. Slots are kept in generation order: the
-condition tokens first, then the surviving visual tokens, then the line being
-written. Nothing is evicted while a line is generated; at the end of a line the
+capacity = prefix capacity + visual_capacity. Slots are kept in generation order: the
+condition tokens first (a batch's prefix may be shorter than the capacity; rows are
+left-padded to the batch's longest and the key mask hides the padding), then the
+surviving visual tokens, then the line being written. A line is `plan.grid_w` tokens
+(a family's end-of-line tokens included). Nothing is evicted while a line is generated; at the end of a line the
 policy keeps the anchors, the newest `recent_lines` lines and the best-scoring
 tokens of the middle, and compacts them to the front, one layer at a time (the
 gather's temporary is one layer's K, not the whole cache's). Keys are stored after
-RoPE, so survivors keep their true positions.
+RoPE, so survivors keep their true positions; `position` holds each row's RoPE
+position of the next token (the model sets it at the prefill, the cache counts on).
 
 Two ways to run a decode step. `attend` + `advance` (dynamic): attention reads only
 the filled slots, counters are Python ints. `attend_static` + `advance_static`
@@ -49,11 +52,12 @@ class KVCache:
     def __init__(self, plan: CachePlan, *, n_layers: int, rows: int, heads: int, head_dim: int,
                  prefix_len: int, dtype: torch.dtype, device: torch.device | str = "cpu",
                  cfg_rows: bool = False, reduce_scores: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        """reduce_scores: sums a tensor over the tensor-parallel group in place (the model's
-        `tp.all_reduce`); head_aggregate needs it so that every rank selects by all heads, not
-        only its own. None on one rank."""
+        """prefix_len: the prefix capacity (the longest prefix a batch may have; `reset` takes a
+        batch's own). reduce_scores: sums a tensor over the tensor-parallel group in place (the
+        model's `tp.all_reduce`); head_aggregate needs it so that every rank selects by all heads,
+        not only its own. None on one rank."""
         self.plan = plan
-        self.prefix_len = prefix_len
+        self.prefix_capacity = self.prefix_len = prefix_len
         self.n_layers, self.heads, self.head_dim = n_layers, heads, head_dim
         self.dtype, self.device = dtype, torch.device(device)
         self.reduce_scores = reduce_scores
@@ -75,6 +79,7 @@ class KVCache:
         self.v = torch.zeros(*shape, self.head_dim, dtype=self.dtype, device=self.device)
         # Grid index of the token in each slot (-1: condition token or empty).
         self.pos = torch.full(shape, -1, dtype=torch.int32, device=self.device)
+        self.position = torch.zeros(rows, dtype=torch.long, device=self.device)  # RoPE position of the next token
         self.scores = torch.zeros(shape, dtype=torch.float32, device=self.device) if self.plan.scoring else None
         self._key_bias: torch.Tensor | None = None  # allocated by the first batch with a key mask (t2i)
         self.bias: torch.Tensor | None = None  # [rows, 1, 1, capacity] additive key mask (t2i padding), or None
@@ -86,15 +91,21 @@ class KVCache:
         """Serve a batch of another shape. The old tensors are freed before the new ones are
         allocated, so the peak stays one cache (memory plans count one)."""
         if rows != self.rows:
-            self.k = self.v = self.pos = self.scores = self.bias = self._key_bias = None
+            self.k = self.v = self.pos = self.scores = self.bias = self._key_bias = self.position = None
             self.graphs.clear()
             self._allocate(rows, cfg_rows)
         self.cfg_rows = cfg_rows
 
     # -- lifecycle ---------------------------------------------------------
     def reset(self, key_mask: torch.Tensor | None = None) -> None:
-        """Start a new batch. key_mask [rows, prefix_len] bool marks condition tokens that may be attended."""
+        """Start a new batch. key_mask [rows, T] bool marks the condition tokens that may be attended;
+        T (<= the prefix capacity) is this batch's prefix length; no mask: the whole capacity, all real."""
+        if key_mask is not None and key_mask.size(1) > self.prefix_capacity:
+            raise ValueError(f"a prefix of {key_mask.size(1)} tokens does not fit the cache's "
+                             f"{self.prefix_capacity} condition slots (max_prefix_len)")
+        self.prefix_len = self.prefix_capacity if key_mask is None else key_mask.size(1)
         self._set_fill(0, 0)
+        self.position.zero_()
         self.pos.fill_(-1)
         if self.scores is not None:
             self.scores.zero_()
@@ -105,7 +116,7 @@ class KVCache:
             if self._key_bias is None:
                 self._key_bias = torch.zeros(self.rows, 1, 1, self.capacity, device=self.k.device)
             self._key_bias.zero_()
-            self._key_bias[:, 0, 0, :self.prefix_len].masked_fill_(~key_mask, float("-inf"))
+            self._key_bias[:, 0, 0, :key_mask.size(1)].masked_fill_(~key_mask, float("-inf"))
             self.bias = self._key_bias
 
     def _set_fill(self, n: int, visual_written: int) -> None:
@@ -158,6 +169,7 @@ class KVCache:
         self.pos.index_copy_(3, self.fill.view(1), grid_index)
         self.fill.add_(1)
         self.written.add_(1)
+        self.position.add_(1)
 
     def commit_static(self) -> None:
         """On the host after a static step: mirror the counters; compress at the end of a grid line."""
@@ -172,6 +184,7 @@ class KVCache:
         self._commit(s, visual)
         self.fill.fill_(self.n)
         self.written.fill_(self.visual_written)
+        self.position.add_(s)
 
     def _commit(self, s: int, visual: bool) -> None:
         self.n += s

@@ -1,4 +1,9 @@
-"""Model shapes: the LlamaGen presets and the small presets lineray ships and tests with."""
+"""Model shapes: one config for every family, the LlamaGen and Janus-Pro presets, and the small presets
+lineray ships and tests with.
+
+A family (lineray.models.family) is a few switches here plus its embedding and head modules.
+Every switch defaults to LlamaGen, so a LlamaGen config is unchanged by the fields it does not use.
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
@@ -14,8 +19,8 @@ class GPTConfig:
     dim: int
     n_head: int
     n_kv_head: int | None = None  # None = n_head (all LlamaGen presets)
-    vocab_size: int = 16384
-    model_type: str = "c2i"  # "c2i" (class label) or "t2i" (caption embeddings)
+    vocab_size: int = 16384  # image token codes (the output head's width)
+    model_type: str = "c2i"  # "c2i" (class label), "t2i" (caption embeddings) or "text" (prompt token ids)
     num_classes: int = 1000  # c2i: the embedding table has one more row, the null class
     caption_dim: int = 2048  # t2i: FLAN-T5-XL feature size
     cls_token_num: int = 1  # condition tokens: 1 for c2i, 120 for t2i
@@ -24,10 +29,35 @@ class GPTConfig:
     norm_eps: float = 1e-5
     multiple_of: int = 256  # SwiGLU hidden size rounds up to this
     ffn_dim_multiplier: float | None = None
+    # -- family switches (FAMILIES.md section 1); the defaults are LlamaGen's --
+    family: str = "llamagen"  # a key of lineray.models.family.FAMILIES
+    rope: str = "2d"  # "2d": LlamaGen's grid RoPE (condition unrotated); "1d": sequence positions (Llama)
+    rope_style: str = "interleaved"  # pairs (x[2j], x[2j+1]) (LlamaGen) or "half": (x[j], x[j+D/2]) (HF Llama)
+    qk_norm: bool = False  # per-head LayerNorm (weight, bias) on q and k before RoPE (Chameleon)
+    qk_norm_eps: float = 1e-5
+    text_vocab_size: int = 0  # rows of the prompt-token table (model_type "text")
+    max_prefix_len: int = 0  # longest prefix a batch may have (the cache's prefix capacity); 0 = cls_token_num
+    grid_w: int | None = None  # image tokens per row; None = grid_size (square)
+    line_extra: int = 0  # tokens per line after the grid codes (Lumina's end-of-line: 1)
+    image_embed_dim: int = 0  # Janus: width of the image-token table (gen_embed, 8) before the aligner MLP
+    head_hidden: int = 0  # Janus: hidden width of the gen_head MLP; 0 = LlamaGen's single Linear head
+    bos_token_id: int | None = None  # text prompts: the tokenizer's ids (read from tokenizer.json)
+    cfg_pad_token_id: int | None = None  # Janus: fills the CFG null prompt between BOS and the last token
 
     def __post_init__(self):
-        if self.model_type not in ("c2i", "t2i"):
-            raise ValueError(f"model_type must be 'c2i' or 't2i', got {self.model_type!r}")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {', '.join(map(repr, MODEL_TYPES))}, got {self.model_type!r}")
+        from lineray.models.family import FAMILIES  # the registry imports this module
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}; known families: {', '.join(FAMILIES)}")
+        if self.rope not in ("2d", "1d"):
+            raise ValueError(f"rope must be '2d' or '1d', got {self.rope!r}")
+        if self.rope_style not in ("interleaved", "half"):
+            raise ValueError(f"rope_style must be 'interleaved' or 'half', got {self.rope_style!r}")
+        if self.rope == "2d" and (self.grid_w not in (None, self.grid_size) or self.line_extra):
+            raise ValueError("2D RoPE needs a square grid without end-of-line tokens")
+        if self.model_type == "text" and (self.text_vocab_size < 1 or self.max_prefix_len < 1):
+            raise ValueError("a text-prompt model needs text_vocab_size and max_prefix_len")
         if self.dim % self.n_head:
             raise ValueError(f"dim {self.dim} is not divisible by n_head {self.n_head}")
         if self.n_head % self.kv_heads:
@@ -49,12 +79,30 @@ class GPTConfig:
         return round_up(hidden, self.multiple_of)
 
     @property
+    def grid_h(self) -> int:
+        return self.grid_size
+
+    @property
+    def grid_width(self) -> int:
+        return self.grid_w or self.grid_size
+
+    @property
+    def line_tokens(self) -> int:
+        """Tokens per image line: the grid codes plus any end-of-line tokens (a LineAR line)."""
+        return self.grid_width + self.line_extra
+
+    @property
     def image_tokens(self) -> int:
-        return self.grid_size * self.grid_size
+        return self.grid_h * self.line_tokens
 
     @property
     def prefix_len(self) -> int:
-        return self.cls_token_num
+        """Condition slots the cache reserves: max_prefix_len, or LlamaGen's fixed cls_token_num."""
+        return self.max_prefix_len or self.cls_token_num
+
+    def cache_plan(self, spec):
+        """A CacheSpec checked against this model's image layout (lines of `line_tokens`)."""
+        return spec.plan(self.grid_h, self.line_tokens, self.image_tokens)
 
     def valid_tp_sizes(self) -> list[int]:
         """Tensor-parallel sizes that give every rank whole heads (FFN columns and vocab may split unevenly)."""
@@ -70,6 +118,8 @@ class GPTConfig:
         return asdict(self)
 
 
+MODEL_TYPES = ("c2i", "t2i", "text")
+
 # LlamaGen's published shapes (DESIGN.md section 2).
 _LLAMAGEN = {
     "GPT-B": dict(n_layer=12, n_head=12, dim=768),
@@ -84,14 +134,29 @@ _SMALL = {
     # The bundled model (lineray/assets/digits): sized to train in ~25 min on one CPU core in fp32.
     "GPT-digits": dict(n_layer=4, n_head=4, dim=96, vocab_size=16, num_classes=10, multiple_of=64),
 }
-PRESETS = {**_LLAMAGEN, **_SMALL}
+# Janus-Pro (MODELS.md A1, A2, A4): a Llama LM with its own image-token table + aligner MLP and
+# gen_head MLP; the family's switches (1D rotate-half RoPE, eps 1e-6, 24 x 24 tokens) are in
+# lineray.models.family. Token ids (BOS, CFG pad) come from the checkpoint folder's tokenizer.json.
+_JANUS = {
+    "janus-pro-1b": dict(family="janus", n_layer=24, n_head=16, dim=2048, head_hidden=2048,  # FFN 5632
+                         text_vocab_size=102400, max_prefix_len=256),
+    "janus-pro-7b": dict(family="janus", n_layer=30, n_head=32, dim=4096, head_hidden=4096,  # FFN 11008
+                         text_vocab_size=102400, max_prefix_len=256),
+}
+PRESETS = {**_LLAMAGEN, **_SMALL, **_JANUS}
+
+
+def preset_family(name: str) -> str:
+    """The family a preset belongs to (`lineray presets` groups by it)."""
+    return PRESETS[name].get("family", "llamagen")
 
 
 def preset(name: str, **overrides) -> GPTConfig:
     """A preset by name (e.g. "GPT-XL"), with field overrides (grid_size=24, model_type="t2i", ...)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
-    fields = dict(PRESETS[name])
+    from lineray.models.family import family_of
+    fields = {**family_of(preset_family(name)).switches, **PRESETS[name]}
     if overrides.get("model_type") == "t2i":
         fields["cls_token_num"] = 120
     fields.update({k: v for k, v in overrides.items() if v is not None})

@@ -13,30 +13,53 @@ import torch
 
 from lineray.cache import CacheSpec, KVCache
 from lineray.kernels.sampling import SamplingConfig, guided_logits, image_uniforms, sample
-from lineray.models.llamagen import Transformer
+from lineray.models.transformer import Transformer
 
 
 class GenerationError(ValueError):
-    """Bad generation input (labels, captions, seeds); the message says which."""
+    """Bad generation input (labels, captions, prompts, seeds); the message says which."""
 
 
 @dataclass
 class Condition:
-    """What each image is conditioned on: class labels (c2i) or caption embeddings (t2i)."""
+    """What each image is conditioned on: class labels (c2i), caption embeddings (t2i) or prompt
+    token ids (text: left-padded to the batch's longest, with a mask)."""
     labels: torch.Tensor | None = None  # [B] int64
     captions: torch.Tensor | None = None  # [B, T, caption_dim]
     caption_mask: torch.Tensor | None = None  # [B, T] bool, True = real token
+    prompt_ids: torch.Tensor | None = None  # [B, T] int64, left-padded
+    prompt_mask: torch.Tensor | None = None  # [B, T] bool, True = real token
 
     @classmethod
     def classes(cls, labels) -> "Condition":
         return cls(labels=torch.as_tensor(list(labels) if not torch.is_tensor(labels) else labels, dtype=torch.long))
 
+    @classmethod
+    def prompts(cls, token_lists, pad_id: int = 0) -> "Condition":
+        """Token id lists (a tokenizer's output, one per image) -> left-padded ids and their mask.
+        The padding's id never matters (masked; pad_id only fills the slots)."""
+        token_lists = [list(t) for t in token_lists]
+        empty = [i for i, t in enumerate(token_lists) if not t]
+        if empty:
+            raise GenerationError(f"prompt {empty[0]} has no tokens")
+        T = max((len(t) for t in token_lists), default=0)
+        ids = torch.full((len(token_lists), T), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(token_lists), T, dtype=torch.bool)
+        for r, t in enumerate(token_lists):
+            ids[r, T - len(t):] = torch.as_tensor(t, dtype=torch.long)
+            mask[r, T - len(t):] = True
+        return cls(prompt_ids=ids, prompt_mask=mask)
+
     def __len__(self) -> int:
-        return len(self.labels) if self.labels is not None else len(self.captions)
+        for t in (self.labels, self.captions, self.prompt_ids):
+            if t is not None:
+                return len(t)
+        return 0
 
     def select(self, idx) -> "Condition":
         pick = (lambda t: None if t is None else t[idx])
-        return Condition(pick(self.labels), pick(self.captions), pick(self.caption_mask))
+        return Condition(pick(self.labels), pick(self.captions), pick(self.caption_mask), pick(self.prompt_ids),
+                         pick(self.prompt_mask))
 
 
 @dataclass
@@ -57,6 +80,20 @@ def check_condition(model: Transformer, cond: Condition) -> None:
         if len(bad):
             raise GenerationError(f"class id {int(bad[0])} is out of range: this model has "
                                   f"{cfg.num_classes} classes (0..{cfg.num_classes - 1})")
+    elif cfg.model_type == "text":
+        if cond.prompt_ids is None or cond.prompt_mask is None:
+            raise GenerationError("this model is prompted with text: give prompt token ids (Condition.prompts)")
+        T = cond.prompt_ids.size(1)
+        if T > cfg.prefix_len:
+            longest = int(cond.prompt_mask.sum(1).argmax())
+            raise GenerationError(f"prompt {longest} has {T} tokens; this model takes at most {cfg.prefix_len} "
+                                  f"(max_prefix_len)")
+        bad = cond.prompt_ids[cond.prompt_mask & ((cond.prompt_ids < 0) | (cond.prompt_ids >= cfg.text_vocab_size))]
+        if len(bad):
+            raise GenerationError(f"prompt token id {int(bad[0])} is out of range: the text vocabulary has "
+                                  f"{cfg.text_vocab_size} ids")
+        if not cond.prompt_mask[:, -1].all():
+            raise GenerationError("prompt token ids must be left-padded (Condition.prompts does it)")
     else:
         if cond.captions is None:
             raise GenerationError("this is a text-conditional (t2i) model: give caption embeddings")
@@ -67,27 +104,28 @@ def check_condition(model: Transformer, cond: Condition) -> None:
 
 
 def condition_rows(model: Transformer, cond: Condition, use_cfg: bool):
-    """The model input for the prefill rows, and the key mask over condition tokens (t2i) or None."""
-    device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
+    """The model input for the prefill rows, and the key mask over condition tokens (or None)."""
+    device = model.device
     if model.config.model_type == "c2i":
-        x = cond.labels.to(device)
-        mask = None
+        x, mask = cond.labels.to(device), None
+    elif model.config.model_type == "text":
+        x, mask = cond.prompt_ids.to(device), cond.prompt_mask.to(device=device, dtype=torch.bool)
     else:
-        x = cond.captions.to(device=device, dtype=dtype)
+        x = cond.captions.to(device=device, dtype=model.dtype)
         mask = None if cond.caption_mask is None else cond.caption_mask.to(device=device, dtype=torch.bool)
     if use_cfg:
-        x = torch.cat([x, model.null_condition(x)])
+        null, null_mask = model.null_rows(x, mask)
+        x = torch.cat([x, null])
         if mask is not None:
-            mask = torch.cat([mask, mask])
+            mask = torch.cat([mask, null_mask])
     return x, mask
 
 
 def new_cache(model: Transformer, cache_spec: CacheSpec, rows: int, use_cfg: bool) -> KVCache:
     cfg = model.config
-    plan = cache_spec.plan(cfg.grid_size, cfg.grid_size, cfg.image_tokens)
-    w = model.tok_embeddings.weight
-    return KVCache(plan, n_layers=cfg.n_layer, rows=rows, heads=model.local_heads, head_dim=cfg.head_dim,
-                   prefix_len=cfg.prefix_len, dtype=w.dtype, device=w.device, cfg_rows=use_cfg,
+    return KVCache(cfg.cache_plan(cache_spec), n_layers=cfg.n_layer, rows=rows, heads=model.local_heads,
+                   head_dim=cfg.head_dim, prefix_len=cfg.prefix_len, dtype=model.dtype, device=model.device,
+                   cfg_rows=use_cfg,
                    reduce_scores=model.tp.all_reduce if model.tp.size > 1 else None)
 
 
@@ -209,7 +247,7 @@ def generate_tokens(model: Transformer, cond: Condition, seeds: list[int] | None
     check_condition(model, cond)
     cfg = model.config
     n_img, n_tok = len(cond), cfg.image_tokens
-    device = model.tok_embeddings.weight.device
+    device = model.device
     if pad_to is None and cache is not None and cache.cfg_rows == sampling.uses_cfg and (
             step_mode == "cuda_graph" or (step_mode == "auto" and device.type == "cuda")):
         pad_to = cache.rows // (2 if cache.cfg_rows else 1)
@@ -245,7 +283,7 @@ def generate_tokens(model: Transformer, cond: Condition, seeds: list[int] | None
     for i in range(n_tok):
         if i == 0 or step is None:  # after the prefill, and every dynamic step
             if i > 0:
-                logits = model.decode(torch.cat([tok, tok]) if sampling.uses_cfg else tok, i - 1, cache)
+                logits = model.decode(torch.cat([tok, tok]) if sampling.uses_cfg else tok, cache)
             guided = guided_logits(logits, n_img, i, sampling)
             tok = sample(guided, uniforms[:, i], sampling)
         else:

@@ -96,24 +96,29 @@ class TPGroup:
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x W^T with W's output rows split across ranks; gather_output concatenates the pieces."""
+    """y = x W^T (+ b) with W's output rows (and b) split across ranks; gather_output concatenates the pieces."""
 
-    def __init__(self, in_features: int, out_features: int, tp: TPGroup = TPGroup(), gather_output: bool = False):
+    def __init__(self, in_features: int, out_features: int, tp: TPGroup = TPGroup(), gather_output: bool = False,
+                 bias: bool = False):
         super().__init__()
         self.tp, self.gather_output = tp, gather_output
         self.full_shape = (out_features, in_features)
         rows = tp.part(out_features)
         self.weight = nn.Parameter(torch.empty(rows.stop - rows.start, in_features))
+        self.bias = nn.Parameter(torch.empty(rows.stop - rows.start)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight, self.bias)
         return self.tp.all_gather_last(y, self.full_shape[0]) if self.gather_output else y
 
     def load_shard(self, read: SliceReader) -> torch.Tensor:
         return read(rows=self.tp.part(self.full_shape[0]))
 
     def checkpoint_tensors(self, prefix: str) -> list[CheckpointTensor]:
-        return [CheckpointTensor(prefix + "weight", self.full_shape, self.weight, self.load_shard)]
+        out = [CheckpointTensor(prefix + "weight", self.full_shape, self.weight, self.load_shard)]
+        if self.bias is not None:  # split with its rows
+            out.append(CheckpointTensor(prefix + "bias", self.full_shape[:1], self.bias, self.load_shard))
+        return out
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -128,6 +133,7 @@ class QKVParallelLinear(ColumnParallelLinear):
                                n_kv_head // tp.size * head_dim)
         self.full_shape = (sum(self.sections), dim)
         self.weight = nn.Parameter(torch.empty(sum(self.local_sections), dim))
+        self.bias = None
 
     def load_shard(self, read: SliceReader) -> torch.Tensor:
         parts, start = [], 0
@@ -188,21 +194,51 @@ def merge_parts(root: nn.Module, state_dict: dict, prefix: str, *_args) -> None:
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T with W's input columns split across ranks, then summed over the group."""
+    """y = x W^T (+ b) with W's input columns split across ranks, summed over the group; b (whole on
+    every rank) is added once, after the sum."""
 
-    def __init__(self, in_features: int, out_features: int, tp: TPGroup = TPGroup()):
+    def __init__(self, in_features: int, out_features: int, tp: TPGroup = TPGroup(), bias: bool = False):
         super().__init__()
         self.tp = tp
         self.full_shape = (out_features, in_features)
         cols = tp.part(in_features)
         self.weight = nn.Parameter(torch.empty(out_features, cols.stop - cols.start))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight))
+        y = self.tp.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
 
     def load_shard(self, read: SliceReader) -> torch.Tensor:
         return read(cols=self.tp.part(self.full_shape[1]))
 
     def checkpoint_tensors(self, prefix: str) -> list[CheckpointTensor]:
-        return [CheckpointTensor(prefix + "weight", self.full_shape, self.weight, self.load_shard)]
+        out = [CheckpointTensor(prefix + "weight", self.full_shape, self.weight, self.load_shard)]
+        if self.bias is not None:  # replicated
+            out.append(CheckpointTensor(prefix + "bias", self.full_shape[:1], self.bias))
+        return out
 
+
+class HeadLayerNorm(nn.Module):
+    """LayerNorm over head_dim with a weight and bias per head ([heads, head_dim]: Chameleon's q/k norm).
+    Each rank holds the rows of its own heads."""
+
+    def __init__(self, n_head: int, head_dim: int, eps: float, tp: TPGroup = TPGroup()):
+        super().__init__()
+        self.tp, self.eps = tp, eps
+        self.full_shape = (n_head, head_dim)
+        local = tp.split(n_head, "attention heads")
+        self.weight = nn.Parameter(torch.ones(local, head_dim))
+        self.bias = nn.Parameter(torch.zeros(local, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, S, local heads, head_dim]."""
+        y = F.layer_norm(x.float(), x.shape[-1:], eps=self.eps)
+        return (y * self.weight.float() + self.bias.float()).type_as(x)
+
+    def load_shard(self, read: SliceReader) -> torch.Tensor:
+        return read(rows=self.tp.my_slice(self.full_shape[0]))
+
+    def checkpoint_tensors(self, prefix: str) -> list[CheckpointTensor]:
+        return [CheckpointTensor(prefix + name, self.full_shape, getattr(self, name), self.load_shard)
+                for name in ("weight", "bias")]

@@ -1,8 +1,10 @@
 """Memory-aware batch sizing: how many images fit a device memory budget for a model and cache policy.
 
-The K/V cache is static and preallocated, so its size is exact arithmetic; the
+The K/V cache is static and preallocated, so its size is exact arithmetic (the prefix
+capacity, max_prefix_len for text prompts, plus the policy's visual slots); the
 weights are exact, per tensor-parallel rank (the split layers divided, the
-embeddings and norms whole on every rank). On top come the largest temporaries of
+embeddings and norms whole on every rank), counted on a model built on the meta
+device, so every family's modules count without a formula per family. On top come the largest temporaries of
 one batch, which do not overlap in time: the decode step's activations and the
 sampling workspace always, plus the larger of the prefill (120 condition tokens for
 t2i) and the eviction at a line end (one layer at a time, see KVCache._end_of_line).
@@ -11,12 +13,14 @@ A cache that is replaced is freed first (KVCache.resize), so only one is counted
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from lineray.cache import CacheSpec
 from lineray.models.config import GPTConfig
+from lineray.models.layers import TPGroup, checkpoint_tensors
 
 
 @dataclass(frozen=True)
@@ -41,15 +45,16 @@ def param_count(cfg: GPTConfig) -> int:
     return sum(_param_counts(cfg, tp=1))
 
 
+@functools.lru_cache(maxsize=64)
 def _param_counts(cfg: GPTConfig, tp: int) -> tuple[int, int]:
-    """(replicated, split) parameters of one rank; split layers give rank 0 the larger part."""
-    cond = (cfg.num_classes + 1) * cfg.dim if cfg.model_type == "c2i" else \
-        cfg.caption_dim * cfg.dim + cfg.dim * cfg.dim + cfg.cls_token_num * cfg.caption_dim
-    replicated = cond + cfg.vocab_size * cfg.dim + cfg.n_layer * 2 * cfg.dim + cfg.dim  # embeddings, norms
-    heads, kv_heads = cfg.n_head // tp, cfg.kv_heads // tp
-    layer = (cfg.dim * (heads + 2 * kv_heads) * cfg.head_dim + heads * cfg.head_dim * cfg.dim
-             + 3 * cfg.dim * part(cfg.ffn_hidden, tp))
-    return replicated, cfg.n_layer * layer + part(cfg.vocab_size, tp) * cfg.dim
+    """(replicated, split) parameters of rank 0 (split layers give it the larger part): the model's own
+    shard, built on the meta device (no memory, no collectives)."""
+    from lineray.models.transformer import Transformer
+    with torch.device("meta"):
+        model = Transformer(cfg, TPGroup(rank=0, size=tp))
+    total = sum(p.numel() for p in model.parameters())
+    split = sum(t.target.numel() for t in checkpoint_tensors(model) if t.split)
+    return total - split, split
 
 
 def weight_bytes(cfg: GPTConfig, dtype: torch.dtype, tp: int = 1) -> int:
@@ -60,7 +65,7 @@ def weight_bytes(cfg: GPTConfig, dtype: torch.dtype, tp: int = 1) -> int:
 
 def memory_plan(cfg: GPTConfig, cache: CacheSpec, dtype: torch.dtype = torch.bfloat16, *, cfg_rows: bool = True,
                 tp: int = 1) -> MemoryPlan:
-    plan = cache.plan(cfg.grid_size, cfg.grid_size, cfg.image_tokens)
+    plan = cfg.cache_plan(cache)
     elem = _size(dtype)
     rows = 2 if cfg_rows else 1
     heads = cfg.n_head // tp
@@ -68,16 +73,17 @@ def memory_plan(cfg: GPTConfig, cache: CacheSpec, dtype: torch.dtype = torch.bfl
     slots = P + plan.visual_capacity
     per_row_head = cfg.n_layer * heads * slots
     kv = rows * per_row_head * D * 2 * elem
-    key_mask = slots * 4 if cfg.model_type == "t2i" else 0
+    key_mask = slots * 4 if cfg.model_type != "c2i" else 0  # the additive key mask of padded prefixes
     meta = rows * (per_row_head * (4 + (4 if plan.scoring else 0)) + key_mask)
     ffn = part(cfg.ffn_hidden, tp)
+    head = 2 * part(cfg.head_hidden, tp) * elem  # an MLP head's hidden layer (Janus), before and after GELU
     act = (rows * (V * (3 * elem + 4)  # logits: this rank's part, the gathered ones, then fp32
                    + 3 * heads * slots * 4  # attention logits, mask, probabilities (fp32)
-                   + 3 * ffn * elem + 8 * cfg.dim * elem)
+                   + 3 * ffn * elem + 8 * cfg.dim * elem + head + 2 * D * 4)  # + the row's RoPE table
            + 6 * V * 8  # guidance and sampling (fp32 logits, fp64 probabilities and CDF, sort)
            + cfg.image_tokens * 16)  # tokens, uniforms
     prefill = rows * P * ((cfg.caption_dim * elem if cfg.model_type == "t2i" else 0)
-                          + (3 * heads * D + 3 * ffn + 6 * cfg.dim) * elem + 4 * heads * D * 4  # fp32 RoPE
+                          + (3 * heads * D + 3 * ffn + 6 * cfg.dim) * elem + (4 * heads + 1) * D * 4  # fp32 RoPE
                           + P * (1 + 2 * heads * 4))  # mask, attention weights
     evict = 0
     if plan.evicts:  # one layer's gathered K (then V), its indices and the selection scores

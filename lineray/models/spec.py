@@ -182,7 +182,8 @@ class ModelSpec:
 
 
 def slice_2d(t: torch.Tensor, rows: slice | None, cols: slice | None) -> torch.Tensor:
-    return t[rows if rows is not None else slice(None), cols if cols is not None else slice(None)]
+    t = t if rows is None else t[rows]  # 1-D tensors (a split bias) have rows only
+    return t if cols is None else t[:, cols]
 
 
 def _init_shards_consistently(model: Transformer, seed: int) -> None:

@@ -128,7 +128,7 @@ class InstrumentedTPWorker(TPWorker):
 
     def all_reduce_latency(self, rows: int, n: int = 100) -> float:
         """Seconds per all-reduce of one decode step's activations [rows, 1, dim], nothing else running."""
-        dtype = self.model.tok_embeddings.weight.dtype
+        dtype = self.model.dtype
         return time_all_reduce(self.tp, (rows, 1, self.model.config.dim), self.device, n, dtype)
 
 

@@ -1,0 +1,65 @@
+"""Model families: what one family supplies on top of the shared `Transformer` (DESIGN.md section 7).
+
+A family is a record, not a plugin: the config switches its models use (merged under a preset's
+fields by `config.preset`), three module builders registered under the family's checkpoint names
+(the prefix embedding, the image-token embedding, the output head), and the CFG null-condition rule.
+The decode loop, caches, sizing, TP workers and pipeline read the record through the model and the
+config and never branch on the family name.
+
+Shared by every family (in GPTConfig / Transformer, not here):
+  * prefixes are left-padded to the batch's longest with a key mask; the cache keeps them whole;
+  * the image is `grid_h` lines of `grid_w + line_extra` tokens (a LineAR line);
+  * 1D RoPE positions count each row's real tokens, 2D RoPE positions are grid indices.
+
+Adding a family (e.g. Lumina-mGPT): write its three builders and its null rule in its own module,
+add a `Family` here, and presets with `family=<name>` in config.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from lineray.models import llamagen
+from lineray.models.janus import model as janus
+
+NullRule = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None"], "tuple[torch.Tensor, torch.Tensor | None]"]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    switches: dict  # GPTConfig fields every model of the family has (presets override)
+    prefix_name: str  # attribute (checkpoint key prefix) of the prefix embedding
+    prefix_embedding: Callable[..., nn.Module]  # (cfg) -> module: condition [B, ...] -> [B, T, dim]
+    image_name: str  # attribute of the image-token embedding
+    image_embedding: Callable[..., nn.Module]  # (cfg) -> module: codes [B, S] -> [B, S, dim]
+    output_head: Callable[..., nn.Module]  # (cfg, tp) -> module: [B, dim] -> logits [B, vocab], gathered
+    null_condition: NullRule  # (model, cond rows, key mask) -> (CFG null rows, their key mask)
+    description: str = ""
+
+
+FAMILIES: dict[str, Family] = {
+    "llamagen": Family(
+        name="llamagen", switches={},
+        prefix_name="cls_embedding", prefix_embedding=llamagen.condition_embedding,
+        image_name="tok_embeddings", image_embedding=llamagen.token_embedding,
+        output_head=llamagen.output_head, null_condition=llamagen.null_condition,
+        description="LlamaGen class/caption-conditional GPT, 2D RoPE"),
+    "janus": Family(
+        name="janus",
+        switches=dict(model_type="text", rope="1d", rope_style="half", norm_eps=1e-6, vocab_size=16384,
+                      image_embed_dim=8, grid_size=24, line_extra=0),
+        prefix_name="prompt_embedding", prefix_embedding=janus.prompt_embedding,
+        image_name="image_embedding", image_embedding=janus.image_embedding,
+        output_head=janus.output_head, null_condition=janus.null_prompt,
+        description="Janus-Pro text-to-image (Llama LM, gen_embed + aligner, gen_head), 384 px"),
+}
+
+
+def family_of(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; known families: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
