@@ -27,8 +27,7 @@ def class_names(job: JobConfig) -> list[str] | None:
 
 
 def cache_policy_name(job: JobConfig) -> str:
-    g = job.model.config().grid_size
-    return job.cache.plan(g, g, g * g).describe()
+    return job.model.config().cache_plan(job.cache).describe()
 
 
 def check_job(job: JobConfig) -> RowRules:

@@ -132,7 +132,7 @@ class JobConfig:
         except ValueError as e:
             raise ValueError(f"tp: {e}") from None
         try:
-            self.cache.plan(cfg.grid_size, cfg.grid_size, cfg.image_tokens)
+            cfg.cache_plan(self.cache)
         except ValueError as e:
             raise ValueError(f"cache: {e}") from None
         return self

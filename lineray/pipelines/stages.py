@@ -103,14 +103,15 @@ class DecodeStage(_Reported):
 
     def __init__(self, model: ModelSpec, device: str = "cpu", monitor=None):
         self.decoder = model.build_decoder(device=device)
-        self.grid = model.config().grid_size
+        cfg = model.config()
+        self.grid = (cfg.grid_h, cfg.grid_width)
         self.device = device
         self.monitor = monitor
         stage_report(monitor, self.stage)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._begin(len(batch["tokens"]))
-        codes = torch.from_numpy(np.asarray(batch["tokens"], dtype=np.int64)).view(-1, self.grid, self.grid)
+        codes = torch.from_numpy(np.asarray(batch["tokens"], dtype=np.int64)).view(-1, *self.grid)
         with torch.inference_mode():
             pixels = to_uint8(self.decoder.decode_codes(codes.to(self.device)))
         out = {k: v for k, v in batch.items() if k != "tokens"}
