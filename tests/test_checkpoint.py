@@ -1,4 +1,7 @@
-"""Checkpoint loading: LlamaGen key layout, wrappers, safetensors, strictness, slices, VQ decoder."""
+"""Checkpoint loading: LlamaGen key layout, wrappers, safetensors, folders and shard indexes, key maps,
+strictness, slices, VQ decoder."""
+import json
+import logging
 import pickle
 
 import pytest
@@ -6,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from lineray.kernels.sampling import SamplingConfig
-from lineray.models.checkpoint import CheckpointError, CheckpointReader, load_checkpoint
+from lineray.models.checkpoint import CheckpointError, CheckpointReader, KeyMappedReader, Source, load_checkpoint
 from lineray.models.generate import Condition, generate_tokens
 from lineray.models.layers import TPGroup
 from lineray.models.llamagen import Transformer
@@ -213,3 +216,109 @@ def test_c2i_checkpoint_without_a_null_class_loads_and_refuses_cfg(tmp_path):
     torch.save({"model": sd}, path)
     with pytest.raises(CheckpointError, match=r"cls_embedding\.embedding_table\.weight \(checkpoint \[7, 64\]"):
         load_checkpoint(fresh(src), path)
+
+
+# -- folders, shard indexes and key maps (FAMILIES.md section 3) ---------------------------------
+class RecordingReader:
+    """A reader that remembers every (key, rows, cols) it was asked for."""
+
+    def __init__(self, reader):
+        self.inner, self.path, self.calls = reader, reader.path, []
+
+    def keys(self):
+        return self.inner.keys()
+
+    def shape(self, key):
+        return self.inner.shape(key)
+
+    def read(self, key, rows=None, cols=None):
+        self.calls.append((key, rows, cols))
+        return self.inner.read(key, rows, cols)
+
+
+def write_shards(folder, sd, fmt):
+    """sd split over two shard files (alternate keys) plus the index transformers writes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = (["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"] if fmt == "safetensors"
+             else ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"])
+    shards = [{}, {}]
+    for i, (k, v) in enumerate(sorted(sd.items())):
+        shards[i % 2][k] = v.contiguous().clone()
+    for name, shard in zip(names, shards):
+        save_file(shard, folder / name) if fmt == "safetensors" else torch.save(shard, folder / name)
+    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+             "weight_map": {k: names[i] for i, s in enumerate(shards) for k in s}}
+    index_name = "model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json"
+    (folder / index_name).write_text(json.dumps(index))
+    return folder / index_name
+
+
+@pytest.mark.parametrize("layout", ["pytorch_model.bin", "model.safetensors", "bin-shards", "safetensors-shards"])
+def test_folders_and_indexes_load(tmp_path, layout):
+    src = tiny_model(8)
+    sd = {k: v.contiguous() for k, v in src.state_dict().items()}
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    if layout == "pytorch_model.bin":
+        torch.save(sd, folder / layout)
+    elif layout == "model.safetensors":
+        save_file(sd, folder / layout)
+    else:
+        index = write_shards(folder, sd, layout.split("-")[0])
+        load_checkpoint(dst := fresh(src), index)  # the index file itself opens too
+        torch.testing.assert_close(logits_of(dst), logits_of(src), atol=0, rtol=0)
+    dst = fresh(src)
+    load_checkpoint(dst, folder)
+    torch.testing.assert_close(logits_of(dst), logits_of(src), atol=0, rtol=0)
+
+
+def test_a_shard_is_opened_only_when_one_of_its_tensors_is_read(tmp_path):
+    sd = {"a": torch.arange(6.0).view(2, 3), "b": torch.ones(2), "c": torch.zeros(3)}
+    write_shards(tmp_path, sd, "bin")
+    r = CheckpointReader(tmp_path)
+    assert sorted(r.keys()) == ["a", "b", "c"] and r._shards == {}
+    assert torch.equal(r.read("a", rows=slice(1, 2)), torch.tensor([[3.0, 4, 5]]))
+    assert list(r._shards) == ["pytorch_model-00001-of-00002.bin"]
+    assert r.file_of("b") == tmp_path / "pytorch_model-00002-of-00002.bin"
+
+
+def test_folder_and_index_errors_name_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .*expected one of model\.safetensors\.index\.json"):
+        CheckpointReader(tmp_path)
+    index = write_shards(tmp_path / "s", {"a": torch.ones(2), "b": torch.ones(2)}, "safetensors")
+    (tmp_path / "s" / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"names shard files that are not in .*: model-00002-of-00002"):
+        CheckpointReader(index)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "pytorch_model.bin.index.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint index .*weight_map"):
+        CheckpointReader(tmp_path / "bad")
+
+
+def test_key_map_concatenates_and_reads_only_the_needed_rows(tmp_path, caplog):
+    q, k, v = (torch.randn(4, 3) for _ in range(3))
+    sd = {"m.q": q, "m.k": k, "m.v": v, "m.norm": torch.randn(1, 3), "tower.w": torch.ones(5),
+          "tower.b": torch.ones(5), "head.w": torch.ones(2)}
+    write_shards(tmp_path, sd, "safetensors")
+    src = RecordingReader(CheckpointReader(tmp_path))
+    key_map = {"wqkv": ["m.q", "m.k", "m.v"],
+               "qn": Source(("m.norm",), transform=lambda t: t.repeat(2, 1))}
+    with caplog.at_level(logging.INFO, logger="lineray.models.checkpoint"):
+        r = KeyMappedReader(src, key_map, skip=("tower.", "head."))
+    assert "skipped 3 tensors not used for image generation: tower (2), head (1)" in caplog.text
+    assert r.shape("wqkv") == (12, 3) and r.shape("qn") == (2, 3)
+    assert torch.equal(r.read("wqkv"), torch.cat([q, k, v]))
+    assert torch.equal(r.read("qn"), sd["m.norm"].repeat(2, 1))
+    src.calls.clear()
+    assert torch.equal(r.read("wqkv", rows=slice(2, 6), cols=slice(1, 3)), torch.cat([q, k])[2:6, 1:3])
+    assert src.calls == [("m.q", slice(2, 4), slice(1, 3)), ("m.k", slice(0, 2), slice(1, 3))]
+    assert not any(key.startswith(("tower", "head")) for key, *_ in src.calls)
+
+
+def test_key_map_names_missing_and_unexpected_keys_with_their_file(tmp_path):
+    write_shards(tmp_path, {"m.q": torch.ones(2), "m.k": torch.ones(2), "extra.w": torch.ones(1)}, "bin")
+    reader = CheckpointReader(tmp_path)
+    with pytest.raises(CheckpointError, match=r"lacks tensors the model needs: wqkv \(from m\.v\)"):
+        KeyMappedReader(reader, {"wqkv": ["m.q", "m.k", "m.v"]}, skip=("extra.",))
+    with pytest.raises(CheckpointError, match=r"does not know: extra\.w \(in .*pytorch_model-0000[12]-of-00002\.bin\)"):
+        KeyMappedReader(reader, {"wqkv": ["m.q", "m.k"]})
