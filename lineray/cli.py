@@ -181,7 +181,8 @@ def sample_settings(args):
     cache = data.get("cache") or {}
     if cache.get("policy", "full") != "full" and cache.get("rho") is None and cache.get("lines") is None:
         data["cache"] = cache | {"rho": "1/6"}  # `--cache linear` alone: LineAR's headline budget
-    data = with_default_sampling(data)
+    # No sampling section: the model's own defaults (a bundle's tuned settings, Janus-Pro's CFG 5), as api.sample
+    data = with_default_sampling({**data, "sampling": data.get("sampling") or {}})
     from lineray.cache import CacheSpec
     from lineray.kernels.sampling import SamplingConfig
     from lineray.models.spec import ModelSpec
@@ -237,22 +238,25 @@ def read_prompts_file(path: str) -> list[str]:
 def sample_inputs(args, model_type: str) -> tuple[list[int] | None, list[str] | None]:
     """(classes, prompts) of `lineray sample`, repeated --count times; the one the model takes."""
     prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
-    if prompts and args.classes:
+    if prompts and args.classes is not None:
         raise ValueError("give --classes or --prompt/--prompts-file, not both")
     if model_type == "text" and not prompts:
         raise ValueError("this model takes text prompts: --prompt TEXT (may repeat) or --prompts-file FILE")
     if prompts:
         return None, [p for p in prompts for _ in range(args.count)]
-    classes = parse_classes(args.classes or "0,1,2,3,4,5,6,7,8,9")
+    classes = parse_classes("0,1,2,3,4,5,6,7,8,9" if args.classes is None else args.classes)
     return [c for c in classes for _ in range(args.count)], None
 
 
 def run_sample(args) -> int:
-    from lineray.api import resolve_device, sample
+    from lineray.api import prompt_token_ids, resolve_device, sample
 
     model, cache, sampling = sample_settings(args)
     cfg = model.config()
     classes, prompts = sample_inputs(args, cfg.model_type)
+    cfg.check_tp(args.tp, model.preset)  # these checks before the first line: an error is one line
+    if prompts is not None:
+        prompt_token_ids(model, cfg, prompts)
     plan = cfg.cache_plan(cache)
     device = resolve_device(args.device)
     n = len(prompts if prompts is not None else classes)

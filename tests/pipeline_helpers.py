@@ -16,26 +16,8 @@ IMAGE_PX = 64
 
 
 # A Janus-shaped tiny model (janus-tiny: 2 layers, width 64, 4x4 tokens) with random weights; its
-# tokenizer is a folder from tiny_janus_tokenizer (the `tokenizer` key is filled in by the tests).
+# tokenizer (`tokenizer` key) is a folder with janus_fixtures.write_tokenizer's tiny tokenizer.json.
 TINY_JANUS = dict(preset="janus-tiny", checkpoint="random", vq_config=dict(codebook_size=256, ch=32, z_channels=32))
-JANUS_WORDS = ("a red fox in snow blue cat on the moon two dogs lighthouse at dusk oil painting of small "
-               "green house under sky with stars").split()
-
-
-def tiny_janus_tokenizer(folder) -> str:
-    """A word-level tokenizer.json holding Janus-Pro's template and special tokens (ids < 64; unknown words
-    are <unk>), built with the `tokenizers` library: nothing is downloaded."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-
-    special = ["<unk>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<|▁pad▁|>", "<｜▁pad▁｜>", "<|User|>",
-               "<|Assistant|>", "<begin_of_image>", "<end_of_image>"]
-    vocab = {t: i for i, t in enumerate(special + [":"] + list(JANUS_WORDS))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    return str(folder)
 
 
 def tiny_job(source: str, output: str, **kw) -> dict:

@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from pipeline_helpers import (IMAGE_PX, TINY_JANUS, jsonl_bytes, put, ray_session, read_dataset, s3,  # noqa: F401
-                              tiny_janus_tokenizer, tiny_job)
+from janus_fixtures import PROMPTS, janus, prompt_ids, write_tokenizer  # noqa: F401
+from pipeline_helpers import IMAGE_PX, TINY_JANUS, jsonl_bytes, put, ray_session, read_dataset, s3, tiny_job  # noqa: F401
 
 from lineray import cli
 from lineray.api import sample
@@ -28,12 +28,14 @@ from lineray.pipelines.sources import PromptSource
 
 pytestmark = pytest.mark.timeout(300)
 MAX_PREFIX = 32  # janus-tiny's max_prefix_len
-TOO_LONG = " ".join(["fox"] * 40)  # 40 words + the template's 9 tokens > 32
+TOO_LONG = " ".join(["fox"] * 40)  # 40 words + the template's 7 tokens > 32
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return tiny_janus_tokenizer(tmp_path_factory.mktemp("janus-tokenizer"))
+    folder = tmp_path_factory.mktemp("janus-tokenizer")
+    write_tokenizer(folder)
+    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def test_text_rows_are_tokenized_and_bad_ones_rejected(model, tmp_path):
     reasons = {e["row"]: e["reason"] for e in shard.errors}
     assert sorted(reasons) == [3, 4, 5, 6, 7, 8, 9]
     assert "empty prompt" in reasons[3] and "empty prompt" in reasons[4]
-    assert "too long" in reasons[5] and f"at most {MAX_PREFIX}" in reasons[5] and "49 tokens" in reasons[5]
+    assert "too long" in reasons[5] and f"at most {MAX_PREFIX}" in reasons[5] and "47 tokens" in reasons[5]
     assert reasons[6] == "missing id"
     assert reasons[7].startswith("missing prompt") and "columns: {prompt: NAME}" in reasons[7]
     assert reasons[8].startswith("bad prompt 12")
@@ -69,7 +71,7 @@ def test_text_rows_are_tokenized_and_bad_ones_rejected(model, tmp_path):
     images = {(i["id"], i["image_index"]): i for i in shard.images}
     assert sorted(images) == [("cat", 0), ("cat", 1), ("fox", 0)]
     fox = images[("fox", 0)]["prompt_ids"]
-    assert fox == encoder.encode(["a red fox in snow"])[0] and len(fox) == 11
+    assert fox == prompt_ids("a red fox in snow") == encoder.encode(["a red fox in snow"])[0]  # the template's ids
     assert fox[0] == encoder.bos_id and fox[-1] == encoder.boi_id and fox[0] == job.model.config().bos_token_id
     assert images[("fox", 0)]["seed"] == 7 and images[("cat", 1)]["seed"] == image_seed(0, "cat", 1)
 
@@ -206,3 +208,21 @@ def test_presets_are_grouped_by_family(capsys):
     assert "needs --checkpoint FOLDER" in out[janus:] and "needs --checkpoint FILE" in out[llamagen:janus]
     line = next(ln for ln in out.splitlines() if ln.strip().startswith("janus-pro-7b"))
     assert line.split()[1:4] == ["30", "4096", "32"] and "24x24" in line and line.endswith("1,2,4,8,16,32")
+
+
+def test_front_door_on_a_downloaded_folder_gives_transformers_tokens(janus, tmp_path, capsys):
+    """`--model janus --checkpoint FOLDER`: config, tokenizer, weights and VQ decoder all from the folder (both
+    layouts), and the greedy tokens are transformers' own (tests/janus_fixtures.py's oracle)."""
+    from lineray.kernels.sampling import SamplingConfig
+    for folder in (janus.tf_dir, janus.deepseek_dirs["bin-shards"]):
+        spec = ModelSpec(preset="janus", checkpoint=str(folder))
+        result = sample(prompts=[PROMPTS[0]], model=spec, sampling=SamplingConfig(cfg_scale=5.0, temperature=0.0),
+                        device="cpu", progress=False)
+        assert result.tokens[0].tolist() == janus.oracle[0, 5.0].tokens.tolist(), folder
+    code = cli.main(["sample", "--model", "janus", "--checkpoint", str(janus.tf_dir), "--prompt", PROMPTS[1],
+                     "--out", str(tmp_path), "--device", "cpu"])
+    assert code == 0 and len(list(tmp_path.glob("0000_a-portrait-of-a-young-girl*.png"))) == 1
+    capsys.readouterr()
+    err = _one_line_error(capsys, ["sample", "--model", "janus-pro-1b", "--checkpoint", str(janus.tf_dir),
+                                   "--prompt", "a fox"])
+    assert "holds a model of n_layer 2 x dim 64 x n_head 4, not janus-pro-1b" in err
