@@ -131,6 +131,15 @@ def test_text_job_on_s3_quarantines_bad_rows_and_keeps_prompts(ray_session, s3, 
     assert n == 7 and sheet.is_file() and (tmp_path / "png" / "fox_0.png").is_file()
 
 
+def test_tp2_gives_the_tp1_tokens_for_prompts(ray_session, model):
+    """Random weights are the same model at any tp (a row-parallel bias included), so the tokens are too."""
+    from lineray.cache import CacheSpec
+    prompts = ["a red fox in the snow", "the moon", "a lighthouse at night with stars and waves"]
+    one, two = (sample(prompts=prompts, model=ModelSpec(**model), cache=CacheSpec("linear", lines=2), tp=tp,
+                       device="cpu", progress=False) for tp in (1, 2))
+    assert one.tokens.tolist() == two.tokens.tolist()
+
+
 def test_cli_sample_writes_pngs_for_prompts(model, tmp_path, capsys):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("two dogs on the moon\n\na lighthouse at dusk\n")
