@@ -87,9 +87,9 @@ def sample(classes: list[int] | None = None, *, prompts: list[str] | None = None
         if own:
             replica.shutdown()
     tokens = torch.cat(tokens)
-    cfg_model = replica.model_config
+    lines = tokens.view(-1, model_cfg.grid_h, model_cfg.line_tokens)  # by line, end-of-line tokens last (Lumina)
     with torch.inference_mode():
-        images = to_uint8(decoder.decode_codes(tokens.view(-1, cfg_model.grid_h, cfg_model.grid_width).to(device)))
+        images = to_uint8(decoder.decode_codes(lines.to(device)))
     result = SampleResult(list(classes or []) if prompts is None else [], seeds, tokens, images,
                           seconds=time.perf_counter() - t0, prompts=list(prompts or []))
     if out is not None:

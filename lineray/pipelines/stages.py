@@ -104,7 +104,8 @@ class DecodeStage(_Reported):
     def __init__(self, model: ModelSpec, device: str = "cpu", monitor=None):
         self.decoder = model.build_decoder(device=device)
         cfg = model.config()
-        self.grid = (cfg.grid_h, cfg.grid_width)
+        # By line as generated: a family with end-of-line tokens (Lumina) has them last; its decoder drops them.
+        self.grid = (cfg.grid_h, cfg.line_tokens)
         self.device = device
         self.monitor = monitor
         stage_report(monitor, self.stage)
