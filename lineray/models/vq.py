@@ -1,7 +1,9 @@
 """The VQ-16 image decoder of LlamaGen (tokenizer/tokenizer_image/vq_model.py): codes -> pixels.
 
 Only the decoding half is built (codebook, post_quant_conv, decoder); the
-encoder's keys in a published checkpoint are recognised and skipped.
+encoder's keys in a published checkpoint are recognised and skipped. Janus-Pro ships the
+same decoder (module for module) inside its checkpoint; lineray.models.janus.keys maps its
+two layouts' names onto these, and `config_from_shapes` sizes a decoder from the tensors.
 
 Decoding is ~0.4 TFLOP per 384 px image, most of it 3x3 convolutions at full
 resolution: on a GPU it runs in bf16 with channels_last activations (cuDNN's fast
@@ -11,6 +13,9 @@ batch (a few hundred MB per 384 px image) never sit in memory together.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import math
+import re
 
 import torch
 import torch.nn as nn
@@ -34,6 +39,28 @@ class VQConfig:
     @property
     def downsample(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
+
+
+def config_from_shapes(shapes: dict[str, tuple[int, ...]], codebook_l2_norm: bool = True) -> VQConfig:
+    """The VQConfig whose decoder has these tensor shapes (keys as VQDecoder names them).
+
+    Only the per-level channel counts are defined by the tensors, not how they factor into
+    ch x ch_mult; any factoring builds the same modules, so ch is their gcd."""
+    def shape(key):
+        if key not in shapes:
+            raise ValueError(f"the VQ decoder's tensors lack {key}")
+        return shapes[key]
+    levels = sorted({int(m[1]) for k in shapes if (m := re.match(r"decoder\.conv_blocks\.(\d+)\.res\.0\.conv1\.weight$", k))})
+    if not levels or levels != list(range(len(levels))):
+        raise ValueError(f"the VQ decoder's tensors have no consecutive decoder.conv_blocks levels (found {levels})")
+    res_blocks = sum(1 for k in shapes if re.match(r"decoder\.conv_blocks\.0\.res\.\d+\.conv1\.weight$", k))
+    # decoder level 0 is the lowest resolution, i.e. ch_mult's last entry
+    outs = [shape(f"decoder.conv_blocks.{lvl}.res.0.conv1.weight")[0] for lvl in reversed(levels)]
+    ch = math.gcd(*outs)
+    codebook_size, embed_dim = shape("quantize.embedding.weight")
+    return VQConfig(codebook_size=codebook_size, codebook_embed_dim=embed_dim, codebook_l2_norm=codebook_l2_norm,
+                    z_channels=shape("post_quant_conv.weight")[0], ch=ch, ch_mult=tuple(o // ch for o in outs),
+                    num_res_blocks=res_blocks - 1)
 
 
 def _norm(ch: int) -> nn.GroupNorm:
@@ -170,6 +197,7 @@ class VQDecoder(nn.Module):
         z = self.post_quant_conv(latents.contiguous(memory_format=self.memory_format))
         return self.decoder(z).float().clamp(-1, 1)
 
-    def load(self, path) -> "VQDecoder":
-        load_checkpoint(self, path, ignore_prefixes=VQ_UNUSED_PREFIXES)
+    def load(self, path_or_reader) -> "VQDecoder":
+        """Weights from a LlamaGen VQ checkpoint file, or from a reader (e.g. Janus's key-mapped folder)."""
+        load_checkpoint(self, path_or_reader, ignore_prefixes=VQ_UNUSED_PREFIXES)
         return self
