@@ -156,6 +156,10 @@ _JANUS = {
 # vocabulary's ids: lineray.models.lumina.model.SWITCHES; a checkpoint folder's own ids replace them.
 _LUMINA = {f"lumina-mgpt-{px}": dict(family="lumina", n_layer=32, n_head=32, dim=4096, grid_size=px // 16)  # FFN 11008
            for px in (512, 768, 1024)}
+# A Lumina-shaped model for tests (tests/lumina_fixtures.py's folder): 96 x 64 px, 4 lines of 6 codes + end-of-line.
+_LUMINA["lumina-tiny"] = dict(family="lumina", n_layer=2, n_head=4, dim=64, grid_size=4, grid_w=6, text_vocab_size=96,
+                              image_token_range=(4, 20), line_token_id=24, vocab_size=25, max_prefix_len=40,
+                              multiple_of=128, ffn_dim_multiplier=0.75)  # FFN 128
 PRESETS = {**_LLAMAGEN, **_SMALL, **_JANUS, **_LUMINA}
 
 

@@ -85,9 +85,11 @@ def _cpu_flags() -> set[str]:
 # Families whose checkpoint is a downloaded folder (config.json, tokenizer.json, weights, the image decoder):
 # family -> the module that reads it: read_config(dir) -> GPTConfig, lm_reader(dir, cfg) -> a checkpoint reader,
 # load_vq_decoder(dir), prompt_encoder(dir, max_tokens) -> PromptEncoder (encode, bos_id, cfg_pad_id).
-FOLDER_FAMILIES = {"janus": "lineray.models.janus.folder"}
+FOLDER_FAMILIES = {"janus": "lineray.models.janus.folder", "lumina": "lineray.models.lumina.folder"}
 # The original code's sampling defaults per family (Janus-Pro: generation_inference.py, MODELS.md A3).
-FAMILY_SAMPLING = {"janus": dict(cfg_scale=5.0, temperature=1.0, top_k=0, top_p=1.0)}
+FAMILY_SAMPLING = {"janus": dict(cfg_scale=5.0, temperature=1.0, top_k=0, top_p=1.0),
+                   # Lumina-mGPT: README (cfg 4, image top-k 2000, T 1; MODELS.md B3)
+                   "lumina": dict(cfg_scale=4.0, temperature=1.0, top_k=2000, top_p=1.0)}
 TOKENIZER_FILE = "tokenizer.json"
 FOLDER_FILES = ("config.json", TOKENIZER_FILE)
 # What a preset of each family needs besides its name (`lineray presets`).
@@ -95,6 +97,8 @@ FAMILY_NEEDS = {
     "llamagen": "--checkpoint FILE (.pt/.pth/.safetensors) and --vq FILE (the VQ-16 decoder), or 'random' for either",
     "janus": "--checkpoint FOLDER (the downloaded model folder: config.json, tokenizer.json, the weights with the "
              "VQ-16 decoder), or --checkpoint random --tokenizer PATH",
+    "lumina": "--checkpoint FOLDER (the downloaded model folder: config.json, tokenizer.json, the weights; Meta's "
+              "vqgan.ckpt + vqgan.yaml copied into it); the preset names the image size",
 }
 
 
@@ -222,7 +226,8 @@ class ModelSpec:
         cfg = self.config()
         if cfg.model_type != "text":
             raise ValueError(f"{self.name} does not take text prompts")
-        return _prompt_encoder(self.family, str(self.tokenizer_folder()), cfg.max_prefix_len)
+        encoder = _prompt_encoder(self.family, str(self.tokenizer_folder()), cfg.max_prefix_len)
+        return encoder.for_config(cfg) if hasattr(encoder, "for_config") else encoder  # Lumina: the image size
 
     def build_model(self, tp: TPGroup = TPGroup(), device: str | torch.device = "cpu",
                     compile: bool = False) -> Transformer:
@@ -301,6 +306,8 @@ def _folder_config(preset_name: str, checkpoint: str, tokenizer: str | None) -> 
         cfg = folder_module(family).read_config(folder)
         if preset_name in PRESETS:
             _check_size(preset_name, cfg, folder)
+            sized = preset(preset_name)  # the preset names the image size (Lumina-mGPT 512/768/1024)
+            cfg = replace(cfg, grid_size=sized.grid_size, grid_w=sized.grid_w)
     if tokenizer is None:
         return cfg
     # A tokenizer of its own: its special ids, and every id must have a row in the prompt embedding.

@@ -126,9 +126,16 @@ def ffn_fields(dim: int, hidden: int) -> dict:
     return dict(multiple_of=hidden, ffn_dim_multiplier=hidden / base)  # int(m * base) rounds up to hidden
 
 
-def read_config(folder: str | os.PathLike, base: GPTConfig | None = None) -> tuple[GPTConfig, LuminaVocab]:
-    """The model config from config.json and its vocabulary, on top of `base` (a lumina preset: the
-    image size and prefix capacity; default lumina-mgpt-768)."""
+def read_config(folder: str | os.PathLike, max_prefix_len: int | None = None,
+                base: GPTConfig | None = None) -> GPTConfig:
+    """The model config from config.json and its vocabulary's ids, on top of `base` (a lumina preset: the
+    image size and prefix capacity; default lumina-mgpt-768). The folder-family interface of ModelSpec."""
+    return read_folder(folder, base, max_prefix_len)[0]
+
+
+def read_folder(folder: str | os.PathLike, base: GPTConfig | None = None,
+                max_prefix_len: int | None = None) -> tuple[GPTConfig, LuminaVocab]:
+    """(config, vocabulary) of a folder; see read_config."""
     from lineray.models.config import preset
     hf = read_hf_config(folder)
     rope = hf.get("rope_parameters") or {}  # transformers 5 keeps rope_theta here; older configs at the top
@@ -140,11 +147,23 @@ def read_config(folder: str | os.PathLike, base: GPTConfig | None = None) -> tup
     dim, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
     cfg = replace(base, family="lumina", n_layer=int(hf["num_hidden_layers"]), dim=dim, n_head=heads,
                   n_kv_head=int(hf.get("num_key_value_heads") or heads), norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-                  rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), text_vocab_size=vocab.vocab_size,
-                  image_token_range=(vocab.image_start, vocab.image_stop), line_token_id=vocab.end_of_line,
-                  vocab_size=max(vocab.image_stop, vocab.end_of_line + 1), bos_token_id=vocab.bos,
+                  rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                  text_vocab_size=vocab.vocab_size, image_token_range=(vocab.image_start, vocab.image_stop),
+                  line_token_id=vocab.end_of_line, vocab_size=max(vocab.image_stop, vocab.end_of_line + 1),
+                  bos_token_id=vocab.bos, max_prefix_len=max_prefix_len or base.max_prefix_len,
                   **ffn_fields(dim, int(hf["intermediate_size"])))
     return cfg, vocab
+
+
+def lm_reader(folder: str | os.PathLike, config: GPTConfig) -> KeyMappedReader:
+    """The folder-family interface of ModelSpec: the weights under lineray names (open_weights)."""
+    return open_weights(folder, config.n_layer, config.n_head, config.kv_heads)
+
+
+def prompt_encoder(folder: str | os.PathLike, max_tokens: int | None = None):
+    """The folder-family interface of ModelSpec: tokenizer.json with Lumina's template."""
+    from lineray.models.lumina.prompt import LuminaPromptEncoder
+    return LuminaPromptEncoder.from_folder(folder, max_tokens)
 
 
 def load_model(folder: str | os.PathLike, base: GPTConfig | None = None, tp: TPGroup = TPGroup(),
@@ -153,7 +172,7 @@ def load_model(folder: str | os.PathLike, base: GPTConfig | None = None, tp: TPG
     (e.g. grid_size, grid_w, max_prefix_len). A TP rank reads only its slices."""
     from lineray.models.checkpoint import load_checkpoint
     from lineray.models.transformer import Transformer
-    cfg, vocab = read_config(folder, base)
+    cfg, vocab = read_folder(folder, base)
     cfg = replace(cfg, **overrides)
     with torch.device(device):
         model = Transformer(cfg, tp)

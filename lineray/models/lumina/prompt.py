@@ -65,8 +65,24 @@ class ImageSize:
 class LuminaPromptEncoder:
     """tokenizer.json (the `tokenizers` library, no network) + the vocabulary's special ids."""
 
-    def __init__(self, tokenizer, vocab: LuminaVocab, max_tokens: int | None = None):
+    def __init__(self, tokenizer, vocab: LuminaVocab, max_tokens: int | None = None, size: ImageSize | None = None):
         self.tokenizer, self.vocab, self.max_tokens = tokenizer, vocab, max_tokens
+        self.size = size  # the image size of `encode` without sizes (a model config's grid: for_config)
+
+    @property
+    def bos_id(self) -> int:
+        return self.vocab.bos
+
+    @property
+    def boi_id(self) -> int:
+        return self.vocab.begin_of_image
+
+    cfg_pad_id = None  # Lumina's unconditional row is the image prefix alone, not a padded prompt
+
+    def for_config(self, cfg) -> "LuminaPromptEncoder":
+        """This encoder with the image size of a model config's grid as the default size."""
+        size = ImageSize(cfg.grid_width * PATCH_PX // 2, cfg.grid_h * PATCH_PX // 2)
+        return LuminaPromptEncoder(self.tokenizer, self.vocab, self.max_tokens, size)
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, max_tokens: int | None = None) -> "LuminaPromptEncoder":
@@ -101,8 +117,12 @@ class LuminaPromptEncoder:
                               f"this model takes at most {self.max_tokens}")
         return ids
 
-    def encode(self, prompts: list[str], sizes) -> list[list[int]]:
-        """One prefix per prompt; `sizes` one for all or one per prompt."""
+    def encode(self, prompts: list[str], sizes=None) -> list[list[int]]:
+        """One prefix per prompt; `sizes` one for all or one per prompt (default: self.size)."""
+        if sizes is None:
+            if self.size is None:
+                raise PromptError("no image size given for the Lumina-mGPT prompt template")
+            sizes = self.size
         if not isinstance(sizes, (list, tuple)) or (len(sizes) == 2 and all(isinstance(s, int) for s in sizes)):
             sizes = [sizes] * len(prompts)
         if len(sizes) != len(prompts):
