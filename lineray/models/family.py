@@ -2,7 +2,8 @@
 
 A family is a record, not a plugin: the config switches its models use (merged under a preset's
 fields by `config.preset`), three module builders registered under the family's checkpoint names
-(the prefix embedding, the image-token embedding, the output head), and the CFG null-condition rule.
+(the prefix embedding, the image-token embedding, the output head), the CFG null-condition rule,
+and optionally the image positions whose token is fixed (Lumina's end-of-line).
 The decode loop, caches, sizing, TP workers and pipeline read the record through the model and the
 config and never branch on the family name.
 
@@ -35,9 +36,13 @@ class Family:
     prefix_name: str  # attribute (checkpoint key prefix) of the prefix embedding
     prefix_embedding: Callable[..., nn.Module]  # (cfg) -> module: condition [B, ...] -> [B, T, dim]
     image_name: str  # attribute of the image-token embedding
-    image_embedding: Callable[..., nn.Module]  # (cfg) -> module: codes [B, S] -> [B, S, dim]
+    # (cfg, prefix module) -> module: codes [B, S] -> [B, S, dim]. It gets the prefix embedding so that a
+    # family whose image codes live in its text vocabulary can look them up there (not register it twice).
+    image_embedding: Callable[..., nn.Module]
     output_head: Callable[..., nn.Module]  # (cfg, tp) -> module: [B, dim] -> logits [B, vocab], gathered
     null_condition: NullRule  # (model, cond rows, key mask) -> (CFG null rows, their key mask)
+    # (cfg) -> [image_tokens] int64: the token forced at each image position, -1 where it is sampled; or None
+    forced_tokens: Callable[..., "torch.Tensor | None"] = lambda cfg: None
     description: str = ""
 
 

@@ -164,7 +164,8 @@ def decode_step(model: Transformer, cache: KVCache, tokens: torch.Tensor, unifor
     logits = model.decode_static(rows, cache)
     step = cache.written  # index of the token sampled now
     guided = guided_logits(logits, tokens.size(0), step, sampling)
-    return guided, sample(guided, uniforms.index_select(1, step.view(1)).squeeze(1), sampling)
+    tok = sample(guided, uniforms.index_select(1, step.view(1)).squeeze(1), sampling)
+    return guided, model.force_tokens(tok, step)
 
 
 _compiled_steps: dict = {}
@@ -285,7 +286,7 @@ def generate_tokens(model: Transformer, cond: Condition, seeds: list[int] | None
             if i > 0:
                 logits = model.decode(torch.cat([tok, tok]) if sampling.uses_cfg else tok, cache)
             guided = guided_logits(logits, n_img, i, sampling)
-            tok = sample(guided, uniforms[:, i], sampling)
+            tok = model.force_tokens(sample(guided, uniforms[:, i], sampling), i)
         else:
             guided, tok = step(tok)
             cache.commit_static()

@@ -93,7 +93,7 @@ def condition_embedding(cfg: GPTConfig) -> nn.Module:
     return CaptionEmbedder(cfg.caption_dim, cfg.dim, cfg.cls_token_num)
 
 
-def token_embedding(cfg: GPTConfig) -> nn.Module:
+def token_embedding(cfg: GPTConfig, prefix: nn.Module) -> nn.Module:
     return nn.Embedding(cfg.vocab_size, cfg.dim)
 
 

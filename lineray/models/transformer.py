@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from lineray.kernels.rope import apply_rope, rope_table_1d, rope_table_2d
 from lineray.models.config import GPTConfig
 from lineray.models.layers import (HeadLayerNorm, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
-                                   TPGroup, merge_parts)
+                                   TPGroup, checkpoint_tensors, merge_parts)
 
 
 class RMSNorm(nn.Module):
@@ -112,12 +112,14 @@ class Transformer(nn.Module):
         self.family = family = FAMILIES[cfg.family]
         # Registered under the family's checkpoint names (LlamaGen: cls_embedding, tok_embeddings;
         # Janus: prompt_embedding, image_embedding), in this order: embeddings first, then the blocks.
-        self.add_module(family.prefix_name, family.prefix_embedding(cfg))
-        self.add_module(family.image_name, family.image_embedding(cfg))
+        prefix = family.prefix_embedding(cfg)
+        self.add_module(family.prefix_name, prefix)
+        self.add_module(family.image_name, family.image_embedding(cfg, prefix))
         self.layers = nn.ModuleList(TransformerBlock(cfg, tp) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = family.output_head(cfg, tp)
         self.register_buffer("rope", self._rope_table(), persistent=False)
+        self.register_buffer("forced_tokens", family.forced_tokens(cfg), persistent=False)  # or None
         self.register_load_state_dict_pre_hook(merge_parts)  # checkpoint-layout state dicts load too
 
     def _rope_table(self) -> torch.Tensor:
@@ -158,8 +160,8 @@ class Transformer(nn.Module):
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> "Transformer":
         """LlamaGen's initialisation (normal(0, std), norms one, zero output head) for training from
         scratch. Parameters every rank holds whole are drawn first, so they are the same for any tp."""
-        split = {id(p) for m in self.modules() if hasattr(m, "checkpoint_tensors") for p in m.parameters(False)}
-        for name, p in sorted(self.named_parameters(), key=lambda item: id(item[1]) in split):
+        split = {t.target.untyped_storage().data_ptr() for t in checkpoint_tensors(self) if t.split}
+        for name, p in sorted(self.named_parameters(), key=lambda item: item[1].untyped_storage().data_ptr() in split):
             with torch.no_grad():
                 if name.endswith("norm.weight"):
                     p.fill_(1.0)
@@ -219,6 +221,14 @@ class Transformer(nn.Module):
         """Per-row tables [B, length, D/2, 2] for the prefix slots (padding slots clamp to position 0)."""
         positions = start[:, None] + torch.arange(length, device=start.device)
         return self.rope[positions.clamp_min(0)]
+
+    def force_tokens(self, tokens: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+        """The family's fixed tokens (e.g. an end-of-line) replace the sampled ones at image position
+        `step` (an int, or a 0-dim device tensor inside the static step); a no-op for most families."""
+        if self.forced_tokens is None:
+            return tokens
+        forced = self.forced_tokens.index_select(0, torch.as_tensor(step, device=tokens.device).view(1))
+        return torch.where(forced >= 0, forced, tokens)
 
     # -- whole-sequence pass (training, reference) ---------------------------
     def forward(self, cond: torch.Tensor, tokens: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -50,7 +50,7 @@ def prompt_embedding(cfg: GPTConfig) -> nn.Module:
     return nn.Embedding(cfg.text_vocab_size, cfg.dim)
 
 
-def image_embedding(cfg: GPTConfig) -> nn.Module:
+def image_embedding(cfg: GPTConfig, prefix: nn.Module) -> nn.Module:
     return ImageTokenEmbedding(cfg.vocab_size, cfg.image_embed_dim, cfg.dim)
 
 
