@@ -75,6 +75,14 @@ def test_text_rows_are_tokenized_and_bad_ones_rejected(model, tmp_path):
     assert fox[0] == encoder.bos_id and fox[-1] == encoder.boi_id and fox[0] == job.model.config().bos_token_id
     assert images[("fox", 0)]["seed"] == 7 and images[("cat", 1)]["seed"] == image_seed(0, "cat", 1)
 
+    # The error budget applies: a file of mostly empty or too long prompts stops before anything is written.
+    from lineray.pipelines.checks import check_first_rows
+    from lineray.pipelines.rejects import TooManyBadRows
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(jsonl_bytes([{"id": f"e{i}", "prompt": ""} for i in range(6)] + rows[:2]))
+    with pytest.raises(TooManyBadRows, match=r"6 of 8 rows rejected .* most common: empty prompt \(6\)"):
+        check_first_rows(job.replace(source=str(bad)), PromptSource(str(bad)), rules)
+
     # `columns` maps a differently named prompt column (row 9 above is rejected without it).
     mapped = text_job(str(src), str(tmp_path / "out2"), model, columns={"prompt": "caption"})
     (shard,) = iter_shards(PromptSource(str(src)), RowRules.for_job(mapped), shard_rows=16)

@@ -135,9 +135,11 @@ _SMALL = {
     "GPT-tiny": dict(n_layer=2, n_head=4, dim=64, vocab_size=256, num_classes=10, multiple_of=32),
     # The bundled model (lineray/assets/digits): sized to train in ~25 min on one CPU core in fp32.
     "GPT-digits": dict(n_layer=4, n_head=4, dim=96, vocab_size=16, num_classes=10, multiple_of=64),
-    # A Janus-shaped model for tests (random weights): text prompts, aligner and MLP head, 1D RoPE.
+    # A Janus-shaped model for tests (random weights): text prompts, aligner and MLP head, 1D RoPE;
+    # BOS 1 and CFG pad 2 of a tiny test vocabulary (a real folder's ids come from its tokenizer.json).
     "janus-tiny": dict(family="janus", n_layer=2, n_head=4, dim=64, vocab_size=32, text_vocab_size=128,
-                       head_hidden=64, grid_size=6, max_prefix_len=32, multiple_of=32),
+                       head_hidden=64, grid_size=6, max_prefix_len=32, multiple_of=32, bos_token_id=1,
+                       cfg_pad_token_id=2),
 }
 # Janus-Pro (MODELS.md A1, A2, A4): a Llama LM with its own image-token table + aligner MLP and
 # gen_head MLP; the family's switches (1D rotate-half RoPE, eps 1e-6, 24 x 24 tokens) are in

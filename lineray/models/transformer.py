@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from lineray.kernels.rope import apply_rope, rope_table_1d, rope_table_2d
 from lineray.models.config import GPTConfig
 from lineray.models.layers import (HeadLayerNorm, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
-                                   TPGroup, merge_parts)
+                                   TPGroup, checkpoint_tensors, merge_parts)
 
 
 class RMSNorm(nn.Module):
@@ -160,8 +160,8 @@ class Transformer(nn.Module):
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> "Transformer":
         """LlamaGen's initialisation (normal(0, std), norms one, zero output head) for training from
         scratch. Parameters every rank holds whole are drawn first, so they are the same for any tp."""
-        split = {id(p) for m in self.modules() if hasattr(m, "checkpoint_tensors") for p in m.parameters(False)}
-        for name, p in sorted(self.named_parameters(), key=lambda item: id(item[1]) in split):
+        split = {t.target.untyped_storage().data_ptr() for t in checkpoint_tensors(self) if t.split}
+        for name, p in sorted(self.named_parameters(), key=lambda item: item[1].untyped_storage().data_ptr() in split):
             with torch.no_grad():
                 if name.endswith("norm.weight"):
                     p.fill_(1.0)
