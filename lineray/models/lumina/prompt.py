@@ -118,12 +118,13 @@ class LuminaPromptEncoder:
         return ids
 
     def encode(self, prompts: list[str], sizes=None) -> list[list[int]]:
-        """One prefix per prompt; `sizes` one for all or one per prompt (default: self.size)."""
+        """One prefix per prompt; `sizes`: one size for all (768, "768x512", (768, 512), ImageSize) or a
+        list with one per prompt; default self.size."""
         if sizes is None:
             if self.size is None:
                 raise PromptError("no image size given for the Lumina-mGPT prompt template")
             sizes = self.size
-        if not isinstance(sizes, (list, tuple)) or (len(sizes) == 2 and all(isinstance(s, int) for s in sizes)):
+        if not isinstance(sizes, list):
             sizes = [sizes] * len(prompts)
         if len(sizes) != len(prompts):
             raise PromptError(f"{len(prompts)} prompts but {len(sizes)} sizes")
