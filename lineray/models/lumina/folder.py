@@ -57,6 +57,8 @@ def read_hf_config(folder: str | os.PathLike) -> dict:
                                 f"(expected one of {', '.join(ARCHITECTURES)})")
     if cfg.get("swin_norm"):
         raise LuminaFolderError(f"{path}: swin_norm true (the Chameleon-30B/34B block order) is not supported")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise LuminaFolderError(f"{path}: hidden_act {cfg['hidden_act']!r} is not supported (Chameleon: silu)")
     for key in ("attention_bias", "mlp_bias"):
         if cfg.get(key):
             raise LuminaFolderError(f"{path}: {key} true is not supported (Chameleon-7B has no biases)")
