@@ -15,9 +15,9 @@ TINY_MODEL = dict(preset="GPT-tiny", checkpoint="random", decoder="random", grid
 IMAGE_PX = 64
 
 
-# A Janus-shaped tiny model (janus-tiny: 2 layers, width 64, 4x4 tokens) with random weights; its
+# A Janus-shaped tiny model (janus-tiny: 2 layers, width 64, 6x6 tokens -> 96 px) with random weights; its
 # tokenizer (`tokenizer` key) is a folder with janus_fixtures.write_tokenizer's tiny tokenizer.json.
-TINY_JANUS = dict(preset="janus-tiny", checkpoint="random", vq_config=dict(codebook_size=256, ch=32, z_channels=32))
+TINY_JANUS = dict(preset="janus-tiny", checkpoint="random", vq_config=dict(codebook_size=32, ch=32, z_channels=32))
 
 
 def tiny_job(source: str, output: str, **kw) -> dict:

@@ -1,7 +1,7 @@
 """Text-prompt families (Janus-Pro) from the front door to the sink: prompt rows, a job on moto S3,
 `lineray sample --prompt`, `lineray.api.sample(prompts=...)`, `lineray presets`, one-line errors.
 
-The model is janus-tiny (Janus-Pro's modules, 2 layers, width 64, 4 x 4 image tokens) with random
+The model is janus-tiny (Janus-Pro's modules, 2 layers, width 64, 6 x 6 image tokens) with random
 weights and a tiny word-level tokenizer.json holding the template's special tokens.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from janus_fixtures import PROMPTS, janus, prompt_ids, write_tokenizer  # noqa: F401
-from pipeline_helpers import IMAGE_PX, TINY_JANUS, jsonl_bytes, put, ray_session, read_dataset, s3, tiny_job  # noqa: F401
+from pipeline_helpers import TINY_JANUS, jsonl_bytes, put, ray_session, read_dataset, s3, tiny_job  # noqa: F401
 
 from lineray import cli
 from lineray.api import sample
@@ -28,6 +28,7 @@ from lineray.pipelines.sources import PromptSource
 
 pytestmark = pytest.mark.timeout(300)
 MAX_PREFIX = 32  # janus-tiny's max_prefix_len
+JANUS_PX = 96  # janus-tiny's 6 x 6 tokens through a VQ-16 decoder
 TOO_LONG = " ".join(["fox"] * 40)  # 40 words + the template's 7 tokens > 32
 
 
@@ -79,9 +80,12 @@ def test_text_rows_are_tokenized_and_bad_ones_rejected(model, tmp_path):
     from lineray.pipelines.checks import check_first_rows
     from lineray.pipelines.rejects import TooManyBadRows
     bad = tmp_path / "bad.jsonl"
-    bad.write_bytes(jsonl_bytes([{"id": f"e{i}", "prompt": ""} for i in range(6)] + rows[:2]))
-    with pytest.raises(TooManyBadRows, match=r"6 of 8 rows rejected .* most common: empty prompt \(6\)"):
+    bad.write_bytes(jsonl_bytes([{"id": f"e{i}", "prompt": ""} for i in range(6)] + [{"id": "l", "prompt": TOO_LONG}]))
+    with pytest.raises(TooManyBadRows, match=r"7 of 7 rows rejected .*every row.* most common: empty prompt \(6\)"):
         check_first_rows(job.replace(source=str(bad)), PromptSource(str(bad)), rules)
+    few = text_job(str(bad), str(tmp_path / "out3"), model, max_error_fraction=0.2, error_check_rows=4)
+    with pytest.raises(TooManyBadRows, match="more than max_error_fraction 0.2"):  # and the fraction, past 4 rows
+        check_first_rows(few, PromptSource(str(bad)), rules)
 
     # `columns` maps a differently named prompt column (row 9 above is rejected without it).
     mapped = text_job(str(src), str(tmp_path / "out2"), model, columns={"prompt": "caption"})
@@ -112,7 +116,7 @@ def test_text_job_on_s3_quarantines_bad_rows_and_keeps_prompts(ray_session, s3, 
     assert all(got[(r["id"], 0)]["prompt"] == r["prompt"] for r in good)
     assert got[("dogs", 0)]["cfg_scale"] == 3.0 and got[("moon", 0)]["cfg_scale"] == 5.0
     pixels = {k: np.asarray(Image.open(io.BytesIO(r["image"]["bytes"]))) for k, r in got.items()}
-    assert {p.shape for p in pixels.values()} == {(IMAGE_PX, IMAGE_PX, 3)}
+    assert {p.shape for p in pixels.values()} == {(JANUS_PX, JANUS_PX, 3)}
     assert np.array_equal(pixels[("fox", 0)], pixels[("fox-again", 0)])  # batch and shard do not matter
     assert not np.array_equal(pixels[("fox", 0)], pixels[("house", 0)])  # the prompt reaches the model
 
@@ -160,7 +164,7 @@ def test_cli_sample_writes_pngs_for_prompts(model, tmp_path, capsys):
     names = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
     assert names == ["0000_a-red-fox-in-snow.png", "0001_blue-cat.png", "0002_two-dogs-on-the-moon.png",
                      "0003_a-lighthouse-at-dusk.png", "contact_sheet.png"]
-    assert Image.open(tmp_path / "out" / "0000_a-red-fox-in-snow.png").size == (IMAGE_PX, IMAGE_PX)
+    assert Image.open(tmp_path / "out" / "0000_a-red-fox-in-snow.png").size == (JANUS_PX, JANUS_PX)
     assert "wrote 4 images" in capsys.readouterr().out
 
     # The API: the same prompts, the same seeds -> the same images as the command line.
@@ -189,7 +193,7 @@ def test_errors_are_one_line_and_name_the_problem(model, tmp_path, capsys):
                                                    str(tmp_path / "nope"), "--prompt", "a fox"])
 
     err = _one_line_error(capsys, ["sample", "--model", "janus-pro-3b", "--checkpoint", str(folder), "--prompt", "x"])
-    assert "unknown model preset 'janus-pro-3b'" in err and "janus: janus-pro-1b, janus-pro-7b" in err
+    assert "unknown model preset 'janus-pro-3b'" in err and "janus: janus-tiny, janus-pro-1b, janus-pro-7b" in err
     assert "llamagen: GPT-B" in err
 
     tiny = ["sample", "--model", "janus-tiny", "--checkpoint", "random", "--tokenizer", model["tokenizer"]]

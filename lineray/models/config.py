@@ -149,9 +149,6 @@ _JANUS = {
                          text_vocab_size=102400, max_prefix_len=256),
     "janus-pro-7b": dict(family="janus", n_layer=30, n_head=32, dim=4096, head_hidden=4096,  # FFN 11008
                          text_vocab_size=102400, max_prefix_len=256),
-    # Tests and benchmarks: Janus-shaped, tiny (random weights + a tiny tokenizer.json; 4 x 4 image tokens).
-    "janus-tiny": dict(family="janus", n_layer=2, n_head=4, dim=64, head_hidden=64, multiple_of=32,
-                       vocab_size=256, text_vocab_size=256, max_prefix_len=32, grid_size=4),
 }
 # Lumina-mGPT 7B (MODELS.md B1-B4): Chameleon-7B, one preset per published resolution (the grid is
 # px / 16 a side; non-square sizes set grid_size (rows) and grid_w). Family switches and the published

@@ -340,17 +340,12 @@ def slice_2d(t: torch.Tensor, rows: slice | None, cols: slice | None) -> torch.T
 
 
 def _init_shards_consistently(model: Transformer, seed: int) -> None:
-    """Give every tensor of a split layer one seeded full tensor (a rank gets its slice), so tp=N equals tp=1.
+    """Give every sharded weight its slice of one seeded full tensor, so tp=N equals tp=1.
 
-    That includes a row-parallel layer's replicated bias (Janus's gen_head): init_weights draws it after
-    the split weights, whose sizes depend on tp. The output head gets random weights too (LlamaGen's zero
-    init would make all logits equal).
+    The output head gets random weights too (LlamaGen's zero init would make all logits equal).
     """
-    in_split_layer = {id(p) for m in model.modules() if hasattr(m, "checkpoint_tensors") for p in m.parameters(False)}
-    tensors = [t for t in checkpoint_tensors(model) if t.split or id(t.target) in in_split_layer]
-    for i, t in enumerate(tensors):
+    for i, t in enumerate(t for t in checkpoint_tensors(model) if t.split):
         gen = torch.Generator().manual_seed(seed * 100_003 + i + 1)
         full = torch.empty(t.full_shape).normal_(0, 0.02, generator=gen)
         with torch.no_grad():
-            t.target.copy_(t.load_shard(lambda rows=None, cols=None, full=full: slice_2d(full, rows, cols))
-                           if t.split else full)
+            t.target.copy_(t.load_shard(lambda rows=None, cols=None, full=full: slice_2d(full, rows, cols)))
