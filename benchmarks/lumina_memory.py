@@ -10,7 +10,8 @@
 2. A reduced-depth Lumina-mGPT-768 (same width 4096 and 32 heads, 2 layers, random bf16 weights): ms
    per decode step, full vs LineAR 1/8 at the same batch, at several image lines. A whole 2,352-step
    image per policy takes too long on this shared 2-core CPU, so each measurement is one whole line
-   (49 steps: its end-of-line and, for LineAR, the eviction at its end included) after the cache has
+   (49 steps: its end-of-line and, for LineAR, the eviction at its end included; the fastest of
+   --repeat runs) after the cache has
    been fast-forwarded to that line: its counters say the line's position and it holds as many slots
    as it would there (full: every token so far; LineAR: the 6-line budget), with random K/V contents,
    which do not change the work. Policies alternate per line in one process; timings are noisy.
@@ -91,10 +92,10 @@ def time_line(model, policy: str, batch: int, line: int, prompt_len: int = 64) -
     cache.position.add_(written)
     u = torch.rand(batch, L, generator=g, dtype=torch.float64)
     start = time.perf_counter()
-    for i in range(L):
-        tok = sample(guided_logits(logits, batch, written + i, sampling), u[:, i], sampling)
-        if i + 1 < L:
-            logits = model.decode(torch.cat([tok, tok]), cache)
+    for i in range(L):  # L steps: the line's last token is fed too, so LineAR's eviction at its end is timed
+        tok = model.force_tokens(sample(guided_logits(logits, batch, written + i, sampling), u[:, i], sampling),
+                                 written + i)
+        logits = model.decode(torch.cat([tok, tok]), cache)
     ms = (time.perf_counter() - start) * 1e3 / L
     del cache
     return ms, held
@@ -104,7 +105,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--batch", type=int, default=8, help="images per batch in the timing (CFG: twice the rows)")
-    ap.add_argument("--positions", default="0,12,24,36,47", help="image lines (of 48) to time at")
+    ap.add_argument("--positions", default="0,16,32,47", help="image lines (of 48) to time at")
+    ap.add_argument("--repeat", type=int, default=2, help="measurements per (line, policy); the fastest is kept")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--csv", default=str(Path(__file__).parent / "results" / "lumina_memory.csv"))
@@ -131,12 +133,16 @@ def main() -> None:
     timing = []
     for line in (int(p) for p in args.positions.split(",")):
         row = dict(line=line, position=line * model.config.line_tokens)
-        for policy in ("full", "linear:1/8"):
-            ms, held = time_line(model, policy, n, line)
+        runs = {p: [] for p in ("full", "linear:1/8")}
+        for _ in range(args.repeat):  # policies alternate, so both see the machine's same moments
+            for policy in runs:
+                runs[policy].append(time_line(model, policy, n, line))
+                print(f"  line {line} {policy}: {runs[policy][-1][0]:.0f} ms/step "
+                      f"({runs[policy][-1][1]} visual slots held)", flush=True)
+        for policy, got in runs.items():
             key = policy.replace(":", " ")
-            row[f"{key} slots"] = held
-            row[f"{key} ms/step"] = ms
-            print(f"  line {line} {policy}: {ms:.0f} ms/step ({held} visual slots held)", flush=True)
+            row[f"{key} slots"] = got[0][1]
+            row[f"{key} ms/step"] = min(ms for ms, _ in got)  # the least disturbed run on a shared machine
         row["full / linear"] = row["full ms/step"] / row["linear 1/8 ms/step"]
         timing.append(row)
     print_table(timing, list(timing[0]), title=f"reduced-depth Lumina-mGPT-768 (2 layers), batch {n} images "
