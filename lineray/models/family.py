@@ -62,7 +62,7 @@ FAMILIES: dict[str, Family] = {
         output_head=janus.output_head, null_condition=janus.null_prompt,
         description="Janus-Pro text-to-image (Llama LM, gen_embed + aligner, gen_head), 384 px"),
     "lumina": Family(
-        name="lumina", switches=lumina.SWITCHES,
+        name="lumina", switches=FAMILY_SWITCHES["lumina"],
         # one table embeds prompt and image tokens: registered once, under one name
         prefix_name="prompt_embedding", prefix_embedding=lumina.shared_embedding,
         image_name="prompt_embedding", image_embedding=lumina.image_embedding,

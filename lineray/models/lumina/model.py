@@ -104,13 +104,6 @@ def token_stream(tokens: torch.Tensor, prefix: list[int], end_of_image: int) -> 
     return torch.cat([head, tokens, torch.tensor([end_of_image], device=tokens.device)])
 
 
-# The family's GPTConfig switches, with the ids of the published 65,536-token vocabulary (image codes
-# 4..8195, end-of-line 8803: MODELS.md B2-B3); a folder's own vocabulary replaces them (folder.py).
-SWITCHES = dict(model_type="text", rope="1d", rope_style="half", qk_norm=True, norm_eps=1e-5, rope_base=10000.0,
-                text_vocab_size=65536, max_prefix_len=384, line_extra=1, grid_size=48,
-                image_token_range=(4, 8196), line_token_id=8803, vocab_size=8804, bos_token_id=0)
-
-
 def image_codes(tokens: torch.Tensor, cfg: GPTConfig, vocab) -> torch.Tensor:
     """Generated tokens [B, grid_h * (grid_w + 1)] -> VQGAN codes [B, grid_h, grid_w]: the end-of-line
     column dropped, BPE ids mapped to codes through the vocabulary's names."""
