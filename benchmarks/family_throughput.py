@@ -18,12 +18,14 @@ of its 24 blocks, and times the first --tokens image tokens (both said in the ti
 costs (attention over the cache, K/V bytes) scale with depth. Half the image is past LineAR 1/6's
 first eviction (line 5), but full's attention cost keeps growing after it, so the cut favours full. The
 prompts are random token ids of 20-40 tokens (a Janus-Pro prompt with its chat template), left-padded
-in one batch; --max-prefix sets the cache's prefix capacity. Timings on a shared machine are noisy.
+in one batch; --max-prefix sets the cache's prefix capacity. Timings on a shared machine are noisy:
+the policies of a table run in turns, one decode step each (`Turns`), so both see the same load.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -62,27 +64,66 @@ class StopGeneration(Exception):
     pass
 
 
-def timed(model: Transformer, policy: str, batch: int, tokens: int) -> dict:
-    """The prefill and the first `tokens` image tokens of `batch` images; decode steps timed after the first."""
-    marks = {}
+class Turns:
+    """Runs several generations in lock step, one decode step at a time each in turn (threads that hand
+    a turn to the next), so that every policy sees the same load from the other processes on a shared
+    machine. Each generation is timed over its own turns only."""
 
-    def on_step(i: int) -> None:
-        if i == 0:
-            marks["first"] = time.perf_counter()
-        if i + 1 == tokens:
-            raise StopGeneration
+    def __init__(self, n: int):
+        self.cond = threading.Condition()
+        self.turn, self.active = 0, list(range(n))
 
-    cache = new_cache(model, cache_spec(policy), 2 * batch, True)
-    t0 = time.perf_counter()
-    try:
-        generate_tokens(model, Condition.prompts(prompts(batch)), list(range(batch)), sampling=SAMPLING,
-                        cache_spec=cache_spec(policy), cache=cache, on_step=on_step, step_mode="dynamic")
-    except StopGeneration:
-        pass
-    t1 = time.perf_counter()
-    return dict(policy=policy, batch=batch, tokens=tokens, ms_per_step=(t1 - marks["first"]) / (tokens - 1) * 1e3,
-                tokens_per_s=batch * tokens / (t1 - t0), wall_s=t1 - t0,
-                kv_mib=cache.memory().kv_bytes / MiB, slots=cache.capacity)
+    def wait(self, k: int) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.turn == k)
+
+    def done(self, k: int, finished: bool = False) -> None:
+        with self.cond:
+            later = [j for j in self.active if j > k] or self.active
+            if finished:
+                self.active.remove(k)
+                later = [j for j in later if j != k] or self.active
+            self.turn = later[0] if later else -1
+            self.cond.notify_all()
+
+
+def timed(model: Transformer, cases: list[tuple[str, int]], tokens: int) -> list[dict]:
+    """For each (policy, batch): the prefill and the first `tokens` image tokens, all cases in turns."""
+    turns, rows = Turns(len(cases)), [None] * len(cases)
+
+    def run(k: int, policy: str, batch: int) -> None:
+        own, steps = [0.0], []
+        cache = new_cache(model, cache_spec(policy), 2 * batch, True)
+
+        def on_step(i: int) -> None:
+            now = time.perf_counter()
+            steps.append(now - start[0])
+            own[0] += now - start[0]
+            if i + 1 == tokens:
+                raise StopGeneration
+            turns.done(k)
+            turns.wait(k)
+            start[0] = time.perf_counter()
+
+        turns.wait(k)
+        start = [time.perf_counter()]
+        try:
+            generate_tokens(model, Condition.prompts(prompts(batch)), list(range(batch)), sampling=SAMPLING,
+                            cache_spec=cache_spec(policy), cache=cache, on_step=on_step, step_mode="dynamic")
+        except StopGeneration:
+            pass
+        finally:
+            turns.done(k, finished=True)
+        rows[k] = dict(policy=policy, batch=batch, tokens=tokens, ms_per_step=sum(steps[1:]) / (tokens - 1) * 1e3,
+                       tokens_per_s=batch * tokens / own[0], own_s=own[0], kv_mib=cache.memory().kv_bytes / MiB,
+                       slots=cache.capacity)
+
+    threads = [threading.Thread(target=run, args=(k, *case)) for k, case in enumerate(cases)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return rows
 
 
 def main() -> None:
@@ -103,25 +144,22 @@ def main() -> None:
         model = build(args.layers, args.max_prefix)
         depth = f"{args.layers} of 24 layers" if args.layers < 24 else "all 24 layers"
         depth += f", first {args.tokens} of 576 tokens" if args.tokens < 576 else ""
-        rows = [timed(model, p, args.batch, args.tokens) for p in policies]
+        rows = timed(model, [(p, args.batch) for p in policies], args.tokens)
         for r in rows:
             r["speed_vs_full"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
             r["kv_vs_full"] = r["kv_mib"] / rows[0]["kv_mib"]
         print_table(rows, ["policy", "batch", "slots", "kv_mib", "kv_vs_full", "ms_per_step", "tokens_per_s",
-                           "speed_vs_full", "wall_s"],
+                           "speed_vs_full", "own_s"],
                     f"1. Janus-Pro-1B shapes ({depth}), random weights, 24x24, CFG 5, fp32, prompts 20-40 tokens, "
                     f"prefix capacity {args.max_prefix}: same batch")
 
-        cap = args.kv_cap_mib * MiB
-        rows = []
-        for p in policies:
-            per_image = memory_plan(model.config, cache_spec(p), torch.float32).kv_bytes_per_image
-            batch = cap // per_image
-            rows.append(dict(timed(model, p, batch, args.tokens), kv_per_image_mib=per_image / MiB))
+        per_image = {p: memory_plan(model.config, cache_spec(p), torch.float32).kv_bytes_per_image for p in policies}
+        rows = timed(model, [(p, args.kv_cap_mib * MiB // per_image[p]) for p in policies], args.tokens)
         for r in rows:
+            r["kv_per_image_mib"] = per_image[r["policy"]] / MiB
             r["speed_vs_full"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
         print_table(rows, ["policy", "kv_per_image_mib", "batch", "kv_mib", "ms_per_step", "tokens_per_s",
-                           "speed_vs_full", "wall_s"],
+                           "speed_vs_full", "own_s"],
                     f"2. Largest batch under a {args.kv_cap_mib} MiB K/V cap (planner), measured there ({depth}, fp32)")
 
     rows = []
@@ -130,7 +168,8 @@ def main() -> None:
         full = memory_plan(cfg, cache_spec("full"), torch.bfloat16).kv_bytes_per_image
         for p in ["full", "linear:1/4", "linear:1/6", "linear:1/8"]:
             plan = memory_plan(cfg, cache_spec(p), torch.bfloat16)
-            rows.append(dict(max_prefix_len=max_prefix, policy=p, slots=max_prefix + cfg.cache_plan(cache_spec(p)).visual_capacity,
+            slots = max_prefix + cfg.cache_plan(cache_spec(p)).visual_capacity
+            rows.append(dict(max_prefix_len=max_prefix, policy=p, slots=slots,
                              kv_per_image_mib=plan.kv_bytes_per_image / MiB, kv_vs_full=plan.kv_bytes_per_image / full,
                              batch_in_8gib_kv=8 * 2**30 // plan.kv_bytes_per_image,
                              batch_in_80gib=plan.max_batch(80 * 2**30)))

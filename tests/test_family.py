@@ -224,7 +224,8 @@ def test_a_qk_norm_model_decodes_like_its_whole_sequence_pass():
 def test_janus_parameter_names_are_the_contracts():
     cfg = preset("janus-tiny", n_layer=1)
     shapes = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
-    H, V, E, T, F_, D = cfg.dim, cfg.vocab_size, cfg.image_embed_dim, cfg.text_vocab_size, cfg.ffn_hidden, cfg.head_hidden
+    H, V, E, T = cfg.dim, cfg.vocab_size, cfg.image_embed_dim, cfg.text_vocab_size
+    F_, D = cfg.ffn_hidden, cfg.head_hidden
     assert shapes == {
         "prompt_embedding.weight": (T, H),
         "layers.0.attention.wqkv.weight": (3 * H, H), "layers.0.attention.wo.weight": (H, H),

@@ -5,8 +5,8 @@ capacity = prefix capacity + visual_capacity. Slots are kept in generation order
 condition tokens first (a batch's prefix may be shorter than the capacity; rows are
 left-padded to the batch's longest and the key mask hides the padding), then the
 surviving visual tokens, then the line being written. A line is `plan.grid_w` tokens
-(a family's end-of-line tokens included). Nothing is evicted while a line is generated; at the end of a line the
-policy keeps the anchors, the newest `recent_lines` lines and the best-scoring
+(a family's end-of-line tokens included). Nothing is evicted while a line is
+generated; at the end of a line the policy keeps the anchors, the newest `recent_lines` lines and the best-scoring
 tokens of the middle, and compacts them to the front, one layer at a time (the
 gather's temporary is one layer's K, not the whole cache's). Keys are stored after
 RoPE, so survivors keep their true positions; `position` holds each row's RoPE

@@ -1,7 +1,11 @@
 """The decode loop: prefill the condition, then one token per step through the KV cache.
 
 Plain and synchronous (gpt-fast style). Rows are [cond; uncond] when CFG is on;
-both halves are fed the same sampled token. Every tensor-parallel rank runs this
+both halves are fed the same sampled token. The loop does not know the model's
+family: a prefix of any kind (class label, caption features, prompt token ids
+left-padded to the batch's longest) goes through `model.prefill`, the CFG null rows
+come from `model.null_rows`, and each row keeps its own RoPE positions in the cache.
+Every tensor-parallel rank runs this
 same loop on its shard and samples the same token, because logits are gathered
 before sampling and the uniforms come from each image's own seed.
 """
@@ -125,8 +129,7 @@ def new_cache(model: Transformer, cache_spec: CacheSpec, rows: int, use_cfg: boo
     cfg = model.config
     return KVCache(cfg.cache_plan(cache_spec), n_layers=cfg.n_layer, rows=rows, heads=model.local_heads,
                    head_dim=cfg.head_dim, prefix_len=cfg.prefix_len, dtype=model.dtype, device=model.device,
-                   cfg_rows=use_cfg,
-                   reduce_scores=model.tp.all_reduce if model.tp.size > 1 else None)
+                   cfg_rows=use_cfg, reduce_scores=model.tp.all_reduce if model.tp.size > 1 else None)
 
 
 # -- the decode step ----------------------------------------------------------------------------
