@@ -48,7 +48,8 @@ class Oracle:
 
 @dataclass
 class JanusFiles:
-    tf_dir: Path  # transformers layout (save_pretrained)
+    tf_dir: Path  # transformers layout (save_pretrained: one model.safetensors)
+    tf_shards_dir: Path  # the same, saved in 1 MB shards + model.safetensors.index.json
     deepseek_dirs: dict[str, Path]  # "bin", "bin-shards", "safetensors-shards" -> folder
     model: object  # the transformers model (eval)
     tf_state: dict[str, torch.Tensor]
@@ -161,20 +162,40 @@ def deepseek_config(tf_config) -> dict:
     }
 
 
-def write_shards(folder: Path, state: dict[str, torch.Tensor], fmt: str) -> None:
-    """Two shards as transformers names them (keys alternate, so q/k/v of a layer span both) + index."""
+def write_shards(folder: Path, state: dict[str, torch.Tensor], fmt: str) -> Path:
+    """Two shards as transformers names them (keys alternate, so q/k/v of a layer span both) + the index;
+    returns the index's path."""
+    folder.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
         names, index = [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)], "model.safetensors.index.json"
     else:
         names, index = [f"pytorch_model-0000{i}-of-00002.bin" for i in (1, 2)], "pytorch_model.bin.index.json"
     shards: list[dict] = [{}, {}]
     for i, key in enumerate(sorted(state)):
-        shards[i % 2][key] = state[key]
+        shards[i % 2][key] = state[key].contiguous().clone()
     for name, shard in zip(names, shards):
         save_file(shard, folder / name) if fmt == "safetensors" else torch.save(shard, folder / name)
     total = sum(v.numel() * v.element_size() for v in state.values())
     (folder / index).write_text(json.dumps({"metadata": {"total_size": total},
                                             "weight_map": {k: names[i] for i, s in enumerate(shards) for k in s}}))
+    return folder / index
+
+
+class RecordingReader:
+    """A reader that remembers every (key, rows, cols) it was asked for."""
+
+    def __init__(self, reader):
+        self.inner, self.path, self.calls = reader, reader.path, []
+
+    def keys(self):
+        return self.inner.keys()
+
+    def shape(self, key):
+        return self.inner.shape(key)
+
+    def read(self, key, rows=None, cols=None):
+        self.calls.append((key, rows, cols))
+        return self.inner.read(key, rows, cols)
 
 
 @torch.no_grad()
@@ -232,6 +253,9 @@ def build(root: Path) -> JanusFiles:
     tf_dir = root / "transformers"
     model.save_pretrained(tf_dir)
     write_tokenizer(tf_dir)
+    tf_shards_dir = root / "transformers-shards"
+    model.save_pretrained(tf_shards_dir, max_shard_size="1MB")
+    write_tokenizer(tf_shards_dir)
     tf_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ds_state = to_deepseek(tf_state)
     ds_config = json.dumps(deepseek_config(model.config), indent=2)
@@ -245,7 +269,7 @@ def build(root: Path) -> JanusFiles:
             torch.save(ds_state, d / "pytorch_model.bin")
         else:
             write_shards(d, ds_state, name.split("-")[0])
-    files = JanusFiles(tf_dir, dirs, model, tf_state, ds_state)
+    files = JanusFiles(tf_dir, tf_shards_dir, dirs, model, tf_state, ds_state)
     for p, text in enumerate(PROMPTS):
         for g in GUIDANCES:
             files.oracle[p, g] = transformers_generate(model, prompt_ids(text), g)

@@ -1,6 +1,5 @@
 """Checkpoint loading: LlamaGen key layout, wrappers, safetensors, folders and shard indexes, key maps,
 strictness, slices, VQ decoder."""
-import json
 import logging
 import pickle
 
@@ -15,6 +14,7 @@ from lineray.models.layers import TPGroup
 from lineray.models.llamagen import Transformer
 from lineray.models.vq import VQConfig, VQDecoder
 from conftest import tiny_model
+from janus_fixtures import RecordingReader, write_shards
 
 
 def logits_of(model):
@@ -219,40 +219,6 @@ def test_c2i_checkpoint_without_a_null_class_loads_and_refuses_cfg(tmp_path):
 
 
 # -- folders, shard indexes and key maps (FAMILIES.md section 3) ---------------------------------
-class RecordingReader:
-    """A reader that remembers every (key, rows, cols) it was asked for."""
-
-    def __init__(self, reader):
-        self.inner, self.path, self.calls = reader, reader.path, []
-
-    def keys(self):
-        return self.inner.keys()
-
-    def shape(self, key):
-        return self.inner.shape(key)
-
-    def read(self, key, rows=None, cols=None):
-        self.calls.append((key, rows, cols))
-        return self.inner.read(key, rows, cols)
-
-
-def write_shards(folder, sd, fmt):
-    """sd split over two shard files (alternate keys) plus the index transformers writes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    names = (["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"] if fmt == "safetensors"
-             else ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"])
-    shards = [{}, {}]
-    for i, (k, v) in enumerate(sorted(sd.items())):
-        shards[i % 2][k] = v.contiguous().clone()
-    for name, shard in zip(names, shards):
-        save_file(shard, folder / name) if fmt == "safetensors" else torch.save(shard, folder / name)
-    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
-             "weight_map": {k: names[i] for i, s in enumerate(shards) for k in s}}
-    index_name = "model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json"
-    (folder / index_name).write_text(json.dumps(index))
-    return folder / index_name
-
-
 @pytest.mark.parametrize("layout", ["pytorch_model.bin", "model.safetensors", "bin-shards", "safetensors-shards"])
 def test_folders_and_indexes_load(tmp_path, layout):
     src = tiny_model(8)
@@ -322,3 +288,14 @@ def test_key_map_names_missing_and_unexpected_keys_with_their_file(tmp_path):
         KeyMappedReader(reader, {"wqkv": ["m.q", "m.k", "m.v"]}, skip=("extra.",))
     with pytest.raises(CheckpointError, match=r"does not know: extra\.w \(in .*pytorch_model-0000[12]-of-00002\.bin\)"):
         KeyMappedReader(reader, {"wqkv": ["m.q", "m.k"]})
+
+
+def test_bf16_shards_load_into_an_fp32_model(tmp_path):
+    """Published Janus-Pro weights are bf16 pickles: they load cast to the model's dtype."""
+    src = tiny_model(8)
+    sd = {k: v.to(torch.bfloat16) for k, v in src.state_dict().items()}
+    write_shards(tmp_path, sd, "bin")
+    dst = fresh(src)
+    load_checkpoint(dst, tmp_path)
+    got = dst.state_dict()
+    assert all(got[k].dtype == torch.float32 and torch.equal(got[k], v.float()) for k, v in sd.items())

@@ -8,20 +8,21 @@ import shutil
 import pytest
 import torch
 
-from janus_fixtures import BOS, CFG_PAD, janus, write_tokenizer  # noqa: F401 (janus: the session fixture)
+from janus_fixtures import BOS, CFG_PAD, RecordingReader, janus, write_tokenizer  # noqa: F401 (janus: fixture)
 from lineray.models.checkpoint import CheckpointError, CheckpointReader, KeyMappedReader, load_checkpoint
 from lineray.models.config import preset
 from lineray.models.janus import folder as jfolder
-from lineray.models.janus.keys import DEEPSEEK, lm_key_map
+from lineray.models.janus.keys import lm_key_map
 from lineray.models.layers import TPGroup
 from lineray.models.transformer import Transformer
 from lineray.models.vq import VQConfig, VQDecoder, config_from_shapes
 
-LAYOUTS = ["transformers", "bin", "bin-shards", "safetensors-shards"]
+LAYOUTS = ["transformers", "transformers-shards", "bin", "bin-shards", "safetensors-shards"]
 
 
 def folder_of(janus, layout):
-    return janus.tf_dir if layout == "transformers" else janus.deepseek_dirs[layout]
+    return {"transformers": janus.tf_dir, "transformers-shards": janus.tf_shards_dir}.get(layout) \
+        or janus.deepseek_dirs[layout]
 
 
 def expected_state(tf: dict) -> dict:
@@ -70,25 +71,34 @@ def test_every_layout_loads_the_same_tensors(janus, layout):
         assert torch.equal(got[key], value), key
 
 
-def test_published_deepseek_config_reads_as_the_presets(tmp_path):
-    """Janus-Pro-7B's language_config gives only layers, vocab and max_pos (MODELS.md A1, A4): the rest is
-    LlamaConfig's defaults, and the result is the janus-pro-7b preset's shape."""
+# language_config as published: 7B gives only layers, vocab and max_pos (MODELS.md A1, A4), the rest is
+# LlamaConfig's defaults; 1B as its converted transformers config lists it.
+PUBLISHED_LM = {
+    "janus-pro-7b": {"num_hidden_layers": 30},
+    "janus-pro-1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 16,
+                     "num_key_value_heads": 16, "num_hidden_layers": 24},
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED_LM)
+def test_published_deepseek_configs_read_as_the_presets(tmp_path, name):
+    p = preset(name)
     (tmp_path / "config.json").write_text(json.dumps({
-        "language_config": {"max_position_embeddings": 16384, "model_type": "llama", "num_hidden_layers": 30,
-                            "torch_dtype": "bfloat16", "vocab_size": 102400},
-        "vision_config": {"cls": "CLIPVisionTower", "params": {"image_size": 384, "model_name": "siglip_large_patch16_384"}},
+        "language_config": {"max_position_embeddings": 16384, "model_type": "llama", "torch_dtype": "bfloat16",
+                            "vocab_size": 102400, **PUBLISHED_LM[name]},
+        "vision_config": {"cls": "CLIPVisionTower",
+                          "params": {"image_size": 384, "model_name": "siglip_large_patch16_384"}},
         "gen_vision_config": {"cls": "VQ-16", "params": {"image_token_size": 16384, "n_embed": 8}},
-        "gen_aligner_config": {"cls": "MlpProjector", "params": {"depth": 2, "input_dim": 8, "n_embed": 4096,
+        "gen_aligner_config": {"cls": "MlpProjector", "params": {"depth": 2, "input_dim": 8, "n_embed": p.dim,
                                                                  "projector_type": "mlp_gelu"}},
-        "gen_head_config": {"cls": "vision_head", "params": {"image_token_embed": 4096, "image_token_size": 16384,
-                                                             "n_embed": 4096}}}))
+        "gen_head_config": {"cls": "vision_head", "params": {"image_token_embed": p.dim, "image_token_size": 16384,
+                                                             "n_embed": p.dim}}}))
     write_tokenizer(tmp_path)
     cfg = jfolder.read_config(tmp_path)
-    p = preset("janus-pro-7b")
-    for name in ("n_layer", "dim", "n_head", "kv_heads", "ffn_hidden", "head_hidden", "vocab_size", "text_vocab_size",
-                 "image_embed_dim", "grid_size", "norm_eps", "rope", "rope_style", "max_prefix_len"):
-        assert getattr(cfg, name) == getattr(p, name), name
-    assert cfg.ffn_hidden == 11008 and cfg.image_tokens == 576
+    for field in ("n_layer", "dim", "n_head", "kv_heads", "ffn_hidden", "head_hidden", "vocab_size", "text_vocab_size",
+                  "image_embed_dim", "grid_size", "norm_eps", "rope", "rope_style", "max_prefix_len"):
+        assert getattr(cfg, field) == getattr(p, field), field
+    assert cfg.ffn_hidden == (11008 if name == "janus-pro-7b" else 5632) and cfg.image_tokens == 576
 
 
 def test_vq16_shape_is_read_back_from_its_tensors():
@@ -97,21 +107,6 @@ def test_vq16_shape_is_read_back_from_its_tensors():
         with torch.device("meta"):
             shapes = {k: tuple(v.shape) for k, v in VQDecoder(cfg).state_dict().items()}
         assert config_from_shapes(shapes) == cfg
-
-
-class RecordingReader:
-    def __init__(self, reader):
-        self.inner, self.path, self.calls = reader, reader.path, []
-
-    def keys(self):
-        return self.inner.keys()
-
-    def shape(self, key):
-        return self.inner.shape(key)
-
-    def read(self, key, rows=None, cols=None):
-        self.calls.append((key, rows, cols))
-        return self.inner.read(key, rows, cols)
 
 
 @pytest.mark.parametrize("layout", ["transformers", "bin-shards"])
@@ -216,6 +211,14 @@ def test_bad_folders_fail_in_one_line_naming_the_file_or_field(janus, tmp_path):
     raw["gen_aligner_config"]["params"]["n_embed"] = 32
     (d / "config.json").write_text(json.dumps(raw))
     fails(d, r"gen_aligner_config\.params\.n_embed 32 differs from the LM's hidden_size 64")
+    raw["gen_aligner_config"]["params"]["n_embed"] = 64
+    raw["language_config"]["num_key_value_heads"] = 3
+    (d / "config.json").write_text(json.dumps(raw))
+    fails(d, r"config\.json: n_head 4 is not a multiple of n_kv_head 3")
+    raw["language_config"]["num_key_value_heads"] = 4
+    raw["language_config"]["vocab_size"] = 3
+    (d / "config.json").write_text(json.dumps(raw))
+    fails(d, r"the begin-of-image id 5 of .*tokenizer\.json is outside the text vocabulary \(3\)")
     (d / "pytorch_model.bin").unlink()
     with pytest.raises(CheckpointError, match=r"no checkpoint in .*pytorch_model\.bin"):
         jfolder.lm_reader(d, jfolder.read_config(janus.deepseek_dirs["bin"]))

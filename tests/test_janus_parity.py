@@ -5,7 +5,8 @@ alone; the deepseek layouts give identical tokens; the VQ decoder gives transfor
 import pytest
 import torch
 
-from janus_fixtures import GUIDANCES, PROMPTS, janus, prompt_ids  # noqa: F401 (janus: the session fixture)
+from janus_fixtures import GUIDANCES, PROMPTS, janus  # noqa: F401 (janus: the session fixture)
+from lineray.cache import CacheSpec
 from lineray.kernels.sampling import SamplingConfig
 from lineray.models.checkpoint import load_checkpoint
 from lineray.models.generate import Condition, generate_tokens
@@ -22,9 +23,9 @@ def lineray_model(d):
     return model
 
 
-def generate(model, d, guidance):
+def generate(model, d, guidance, cache_spec=CacheSpec()):
     ids = jfolder.prompt_encoder(d, model.config.max_prefix_len).encode(PROMPTS)
-    return generate_tokens(model, Condition.prompts(ids), [0, 1], return_logits=True,
+    return generate_tokens(model, Condition.prompts(ids), [0, 1], return_logits=True, cache_spec=cache_spec,
                            sampling=SamplingConfig(cfg_scale=guidance, **GREEDY))
 
 
@@ -39,11 +40,16 @@ def test_the_oracle_loop_is_transformers_generate(janus):
         assert torch.equal(out[0], oracle.tokens)
 
 
+# LineAR with a budget of the whole grid (4 lines) keeps every token: it must give the full cache's outputs.
+CACHES = {"full": CacheSpec(), "linear-all-lines": CacheSpec("linear", lines=4)}
+
+
+@pytest.mark.parametrize("cache", CACHES)
 @pytest.mark.parametrize("guidance", GUIDANCES)
-def test_greedy_tokens_and_logits_equal_transformers(janus, guidance):
+def test_greedy_tokens_and_logits_equal_transformers(janus, guidance, cache):
     lengths = [len(janus.oracle[p, guidance].ids) for p in range(2)]
     assert lengths[0] < lengths[1]  # batched together, the first prompt is left-padded
-    gen = generate(lineray_model(janus.tf_dir), janus.tf_dir, guidance)
+    gen = generate(lineray_model(janus.tf_dir), janus.tf_dir, guidance, CACHES[cache])
     for p in range(2):
         oracle = janus.oracle[p, guidance]
         assert len(set(oracle.tokens.tolist())) >= 4  # not a degenerate one-token image

@@ -4,7 +4,7 @@ from tokenizers import AddedToken, Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 
-from janus_fixtures import BOI, BOS, CFG_PAD, PROMPTS, SPECIALS, janus, prompt_ids  # noqa: F401
+from janus_fixtures import BOI, BOS, CFG_PAD, PROMPTS, janus, prompt_ids  # noqa: F401 (janus: the session fixture)
 from lineray.models.janus.folder import FolderError, check_folder
 from lineray.models.janus.prompt import PromptEncoder, PromptError
 
@@ -20,6 +20,7 @@ def test_prompts_follow_the_janus_pro_template(janus):
     text = enc.tokenizer.decode(ids[0], skip_special_tokens=False)
     assert text == "<｜begin▁of▁sentence｜> <|User|> : a red fox in the snow \n\n <|Assistant|> : <begin_of_image>"
     assert [enc.encode_one(p) for p in PROMPTS] == ids
+    assert enc.encode_one(f"  {PROMPTS[0]} \n") == ids[0]  # stripped, as the original's template does
 
 
 def test_special_ids_are_read_from_the_tokenizer_not_assumed():

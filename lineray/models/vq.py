@@ -12,10 +12,9 @@ batch (a few hundred MB per 384 px image) never sit in memory together.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -50,7 +49,8 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], codebook_l2_norm: boo
         if key not in shapes:
             raise ValueError(f"the VQ decoder's tensors lack {key}")
         return shapes[key]
-    levels = sorted({int(m[1]) for k in shapes if (m := re.match(r"decoder\.conv_blocks\.(\d+)\.res\.0\.conv1\.weight$", k))})
+    level_key = re.compile(r"decoder\.conv_blocks\.(\d+)\.res\.0\.conv1\.weight$")
+    levels = sorted({int(m[1]) for k in shapes if (m := level_key.match(k))})
     if not levels or levels != list(range(len(levels))):
         raise ValueError(f"the VQ decoder's tensors have no consecutive decoder.conv_blocks levels (found {levels})")
     res_blocks = sum(1 for k in shapes if re.match(r"decoder\.conv_blocks\.0\.res\.\d+\.conv1\.weight$", k))

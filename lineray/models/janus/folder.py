@@ -8,11 +8,13 @@ Two layouts are read (MODELS.md A4; lineray.models.janus.keys has their key name
                 text_config / vision_config / vq_config, model.safetensors or shards + index
 Both need the folder's tokenizer.json (BOS and the CFG pad id come from it).
 
-What the caller uses:
+What the caller uses (errors: FolderError, a CheckpointError, one line naming file and field/key):
+  check_folder(dir)                             config.json and tokenizer.json readable as Janus-Pro
   read_config(dir) -> GPTConfig                 the Transformer's shape, family switches and token ids
   lm_reader(dir, config) -> KeyMappedReader     load_checkpoint(model, reader) fills the Transformer
+                                                (or a TP rank's slices of it)
   load_vq_decoder(dir) -> VQDecoder             the image decoder shipped inside the checkpoint
-  PromptEncoder.from_folder(dir, max_tokens)    (prompt.py) text -> prefix token ids
+  prompt_encoder(dir, max_tokens)               prompt.PromptEncoder: text -> prefix token ids
 """
 from __future__ import annotations
 
@@ -83,6 +85,11 @@ class JanusFolder:
             value = value[name]
         return value
 
+    def section(self, *names: str) -> dict:
+        value = self.field(*names)
+        self.require(isinstance(value, dict), f"{'.'.join(names)} is not a JSON object")
+        return value
+
     def require(self, ok: bool, what: str) -> None:
         if not ok:
             raise FolderError(f"{self.path / CONFIG_FILE}: {what}")
@@ -104,14 +111,21 @@ def read_config(folder: str | Path, max_prefix_len: int | None = None) -> GPTCon
     f.require(max_prefix_len <= room, f"max_prefix_len {max_prefix_len} + {grid * grid} image tokens exceed "
                                       f"max_position_embeddings")
     prompts = prompt_encoder(f.path)
+    vocab = text["text_vocab_size"]
+    for what, i in (("BOS", prompts.bos_id), ("begin-of-image", prompts.boi_id), ("CFG pad", prompts.cfg_pad_id)):
+        f.require(i < vocab, f"the {what} id {i} of {prompts.source} is outside the text vocabulary ({vocab}): "
+                             f"another model's tokenizer?")
     fields = {**family_of("janus").switches, **text, **gen, "family": "janus", "grid_size": grid,
               "max_prefix_len": max_prefix_len, "bos_token_id": prompts.bos_id, "cfg_pad_token_id": prompts.cfg_pad_id}
-    return GPTConfig(**fields)
+    try:
+        return GPTConfig(**fields)
+    except ValueError as e:  # a shape GPTConfig refuses (e.g. heads vs key/value heads)
+        raise FolderError(f"{f.path / CONFIG_FILE}: {e}") from None
 
 
 def _text_fields(f: JanusFolder) -> dict:
     section = "language_config" if f.layout is DEEPSEEK else "text_config"
-    llama = {**LLAMA_DEFAULTS, **{k: v for k, v in f.field(section).items() if v is not None}}
+    llama = {**LLAMA_DEFAULTS, **{k: v for k, v in f.section(section).items() if v is not None}}
     where = f"{section}."
     for name in ("num_hidden_layers", "vocab_size"):
         f.field(section, name)  # no default worth guessing: name the field
@@ -119,6 +133,8 @@ def _text_fields(f: JanusFolder) -> dict:
     f.require(not llama["attention_bias"] and not llama["mlp_bias"],
               f"{where}attention_bias / mlp_bias are not supported (Llama has no biases)")
     dim, heads = llama["hidden_size"], llama["num_attention_heads"]
+    f.require(heads > 0 and dim % heads == 0,
+              f"{where}hidden_size {dim} is not divisible by num_attention_heads {heads}")
     f.require(llama.get("head_dim") in (None, dim // heads),
               f"{where}head_dim {llama.get('head_dim')} differs from hidden_size / num_attention_heads")
     rope = llama.get("rope_parameters") or llama.get("rope_scaling") or {}
@@ -144,9 +160,9 @@ def _ffn_fields(f: JanusFolder, dim: int, hidden: int) -> dict:
 
 
 def _deepseek_gen_fields(f: JanusFolder, dim: int) -> dict:
-    head = f.field("gen_head_config", "params")
-    aligner = f.field("gen_aligner_config", "params")
-    vq = f.field("gen_vision_config", "params")
+    head = f.section("gen_head_config", "params")
+    aligner = f.section("gen_aligner_config", "params")
+    vq = f.section("gen_vision_config", "params")
     codes, embed = vq.get("image_token_size", 16384), vq.get("n_embed", 8)  # they size gen_embed only
     f.require(head.get("image_token_size", codes) == codes,
               "gen_head_config.params.image_token_size differs from gen_vision_config.params.image_token_size")
@@ -163,7 +179,7 @@ def _deepseek_gen_fields(f: JanusFolder, dim: int) -> dict:
 
 
 def _transformers_gen_fields(f: JanusFolder, dim: int) -> dict:
-    vq = f.field("vq_config")
+    vq = f.section("vq_config")
     f.require(vq.get("num_hidden_layers", 2) == 2, f"vq_config.num_hidden_layers {vq.get('num_hidden_layers')} "
                                                    f"(the generation aligner's depth) is not 2")
     # transformers' head is Linear(image_token_embed_dim -> projection_dim), GELU, Linear(-> num_embeddings),
@@ -197,7 +213,7 @@ def vq_config(folder: str | Path) -> VQConfig:
     f = JanusFolder.open(folder)
     if f.layout is TRANSFORMERS:
         d = VQConfig()  # transformers' JanusVQVAEConfig defaults are VQ-16's
-        vq = f.field("vq_config")
+        vq = f.section("vq_config")
         f.require(vq.get("out_channels", 3) == 3, f"vq_config.out_channels {vq.get('out_channels')} is not 3")
         return VQConfig(codebook_size=vq.get("num_embeddings", d.codebook_size),
                         codebook_embed_dim=vq.get("embed_dim", d.codebook_embed_dim),

@@ -1,8 +1,9 @@
 """Janus-Pro prompts: text -> token ids, as the original builds them (MODELS.md A3).
 
 `<|User|>: {prompt}\\n\\n<|Assistant|>:` (the `deepseek` chat template with an empty system
-prompt), then `<begin_of_image>`, tokenized as one string and with BOS first
-(deepseek-ai/Janus generation_inference.py, README). The tokenizer is the checkpoint folder's
+prompt; the prompt stripped of surrounding whitespace, as `apply_sft_template_for_multi_turn_prompts`
+does), then `<begin_of_image>`, tokenized as one string and with BOS first
+(deepseek-ai/Janus generation_inference.py, processing_vlm.py, README). The tokenizer is the checkpoint folder's
 `tokenizer.json`, read with the `tokenizers` library: no network, no trust_remote_code.
 
 Special ids are looked up by name in that tokenizer, never written here: BOS (the name from
@@ -77,7 +78,7 @@ class PromptEncoder:
         return [self._checked(t, self._ids(e)) for t, e in zip(texts, encoded)]
 
     def _templated(self, text: str) -> str:
-        return TEMPLATE.format(prompt=text) + BOI_TOKEN
+        return TEMPLATE.format(prompt=text.strip()) + BOI_TOKEN
 
     def _ids(self, encoding) -> list[int]:
         ids = [self.bos_id, *encoding.ids]
