@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lineray.models.config import preset
-from lineray.models.llamagen import Transformer
+from lineray.models.transformer import Transformer
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 torch.set_num_threads(1)  # 2 cores shared with Ray workers and subprocesses: oversubscription is far slower

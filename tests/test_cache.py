@@ -225,7 +225,7 @@ def test_yaml_style_spec_and_budget_rounding():
 @pytest.mark.parametrize("name", ["GPT-B", "GPT-XL", "GPT-3B", "GPT-tiny"])
 def test_param_count_matches_the_model(name):
     from lineray.models.config import preset
-    from lineray.models.llamagen import Transformer
+    from lineray.models.transformer import Transformer
     from lineray.models.sizing import param_count
     for mt in ("c2i", "t2i"):
         cfg = preset(name, model_type=mt)
@@ -291,7 +291,7 @@ def test_planned_weights_are_what_a_rank_holds(name, model_type, tp):
     """Split layers are divided by tp, embeddings and norms are whole on every rank, RoPE is fp32."""
     from lineray.models.config import preset
     from lineray.models.layers import TPGroup
-    from lineray.models.llamagen import Transformer
+    from lineray.models.transformer import Transformer
     from lineray.models.sizing import memory_plan
     cfg = preset(name, model_type=model_type)
     with torch.device("meta"):

@@ -11,7 +11,7 @@ from lineray.kernels.sampling import SamplingConfig
 from lineray.models.checkpoint import CheckpointError, CheckpointReader, KeyMappedReader, Source, load_checkpoint
 from lineray.models.generate import Condition, generate_tokens
 from lineray.models.layers import TPGroup
-from lineray.models.llamagen import Transformer
+from lineray.models.transformer import Transformer
 from lineray.models.vq import VQConfig, VQDecoder
 from conftest import tiny_model
 from janus_fixtures import RecordingReader, write_shards

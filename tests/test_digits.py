@@ -12,8 +12,8 @@ from lineray.models.digits.data import Augment, AugmentedBatches, load_digits_sp
 from lineray.models.digits.tokenizer import PatchTokenizer
 from lineray.models.digits.train import TrainConfig, train, use_bf16
 from lineray.models.generate import Condition, generate_tokens
-from lineray.models.llamagen import Transformer
 from lineray.models.spec import ModelSpec
+from lineray.models.transformer import Transformer
 
 TINY = {"n_layer": 1, "dim": 32, "n_head": 2}
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lineray.cache import CacheSpec
 from lineray.kernels.rope import apply_rope, rope_table_1d, rope_table_2d
 from lineray.kernels.sampling import SamplingConfig
-from lineray.models.config import GPTConfig, preset
+from lineray.models.config import FAMILY_SWITCHES, GPTConfig, preset
 from lineray.models.family import FAMILIES
 from lineray.models.generate import Condition, GenerationError, generate_tokens
 from lineray.models.layers import HeadLayerNorm, TPGroup
@@ -141,6 +141,7 @@ def test_a_family_with_end_of_line_tokens(monkeypatch):
     W, H, EOL = 5, 4, 31
     forced = lambda cfg: torch.tensor([EOL if (i + 1) % (W + 1) == 0 else -1 for i in range(cfg.image_tokens)])
     monkeypatch.setitem(FAMILIES, "eol-test", replace(FAMILIES["janus"], name="eol-test", forced_tokens=forced))
+    monkeypatch.setitem(FAMILY_SWITCHES, "eol-test", {})
     cfg = replace(janus_tiny().config, family="eol-test", grid_size=H, grid_w=W, line_extra=1)
     model = Transformer(cfg).eval()
     model.load_state_dict(janus_tiny().state_dict())
@@ -248,7 +249,7 @@ def test_janus_presets_have_the_published_shapes(name, layers, dim, heads, ffn, 
     assert (cfg.text_vocab_size, cfg.vocab_size, cfg.image_embed_dim, cfg.grid_size, cfg.image_tokens) == \
         (102400, 16384, 8, 24, 576)
     assert round(param_count(cfg) / 1e9, 2) == params_b  # the LM with its text table, gen_embed/aligner/head
-    assert preset("GPT-B").family == "llamagen" and set(FAMILIES) >= {"llamagen", "janus"}
+    assert preset("GPT-B").family == "llamagen" and set(FAMILIES) == set(FAMILY_SWITCHES) >= {"llamagen", "janus"}
 
 
 def test_planned_weights_and_kv_are_what_the_model_and_cache_hold(model):

@@ -15,7 +15,7 @@ from lineray.cache import CacheSpec
 from lineray.kernels.sampling import SamplingConfig
 from lineray.models.config import GPTConfig, preset
 from lineray.models.generate import Condition, generate_tokens
-from lineray.models.llamagen import Transformer
+from lineray.models.transformer import Transformer
 from lineray.models.spec import ModelSpec
 
 GOLDEN = Path(__file__).parent / "data" / "llamagen_golden.pt"

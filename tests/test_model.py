@@ -7,7 +7,7 @@ from lineray.kernels.rope import apply_rope, rope_table_2d
 from lineray.kernels.sampling import SamplingConfig
 from lineray.models.config import preset
 from lineray.models.generate import Condition, generate_tokens
-from lineray.models.llamagen import Transformer
+from lineray.models.transformer import Transformer
 from conftest import tiny_model
 
 

@@ -10,12 +10,12 @@ from lineray.models import shapes
 from lineray.models.bundles import bundle_module
 from lineray.models.checkpoint import load_checkpoint
 from lineray.models.generate import Condition, generate_tokens
-from lineray.models.llamagen import Transformer
 from lineray.models.patch_tokenizer import PatchTokenizer
 from lineray.models.shapes.data import (BAND, CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, SIZES, SceneBatches, copy_iou,
                                         draw, heldout_scenes, inside, make_scenes)
 from lineray.models.shapes.judge import ShapeJudge, train_judge
 from lineray.models.shapes.train import STATE_FILE, TrainConfig, train
+from lineray.models.transformer import Transformer
 
 TINY = {"n_layer": 1, "dim": 32, "n_head": 2}
 

@@ -47,9 +47,8 @@ class GPTConfig:
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type must be one of {', '.join(map(repr, MODEL_TYPES))}, got {self.model_type!r}")
-        from lineray.models.family import FAMILIES  # the registry imports this module
-        if self.family not in FAMILIES:
-            raise ValueError(f"unknown model family {self.family!r}; known families: {', '.join(FAMILIES)}")
+        if self.family not in FAMILY_SWITCHES:
+            raise ValueError(f"unknown model family {self.family!r}; known families: {', '.join(FAMILY_SWITCHES)}")
         if self.rope not in ("2d", "1d"):
             raise ValueError(f"rope must be '2d' or '1d', got {self.rope!r}")
         if self.rope_style not in ("interleaved", "half"):
@@ -120,6 +119,16 @@ class GPTConfig:
 
 MODEL_TYPES = ("c2i", "t2i", "text")
 
+# The switches every model of a family has, under its presets' own fields (lineray.models.family
+# holds each family's modules and rules; a new family is added in both places).
+FAMILY_SWITCHES: dict[str, dict] = {
+    "llamagen": {},
+    # Janus-Pro (MODELS.md A1-A3): a Llama LM (1D rotate-half RoPE, RMSNorm eps 1e-6, MHA, SwiGLU),
+    # its own 16384 x 8 image-token table, 384 px = 24 x 24 tokens.
+    "janus": dict(model_type="text", rope="1d", rope_style="half", norm_eps=1e-6, vocab_size=16384,
+                  image_embed_dim=8, grid_size=24),
+}
+
 # LlamaGen's published shapes (DESIGN.md section 2).
 _LLAMAGEN = {
     "GPT-B": dict(n_layer=12, n_head=12, dim=768),
@@ -139,9 +148,8 @@ _SMALL = {
                        head_hidden=64, grid_size=6, max_prefix_len=32, multiple_of=32, bos_token_id=1,
                        cfg_pad_token_id=2),
 }
-# Janus-Pro (MODELS.md A1, A2, A4): a Llama LM with its own image-token table + aligner MLP and
-# gen_head MLP; the family's switches (1D rotate-half RoPE, eps 1e-6, 24 x 24 tokens) are in
-# lineray.models.family. Token ids (BOS, CFG pad) come from the checkpoint folder's tokenizer.json.
+# Janus-Pro (MODELS.md A1, A2, A4): the family's switches above plus its sizes; the gen_head hidden
+# width equals the model width. Token ids (BOS, CFG pad) come from the checkpoint folder's tokenizer.json.
 _JANUS = {
     "janus-pro-1b": dict(family="janus", n_layer=24, n_head=16, dim=2048, head_hidden=2048,  # FFN 5632
                          text_vocab_size=102400, max_prefix_len=256),
@@ -160,8 +168,7 @@ def preset(name: str, **overrides) -> GPTConfig:
     """A preset by name (e.g. "GPT-XL"), with field overrides (grid_size=24, model_type="t2i", ...)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
-    from lineray.models.family import family_of
-    fields = {**family_of(preset_family(name)).switches, **PRESETS[name]}
+    fields = {**FAMILY_SWITCHES[preset_family(name)], **PRESETS[name]}
     if overrides.get("model_type") == "t2i":
         fields["cls_token_num"] = 120
     fields.update({k: v for k, v in overrides.items() if v is not None})

@@ -1,9 +1,9 @@
 """Model families: what one family supplies on top of the shared `Transformer` (DESIGN.md section 7).
 
-A family is a record, not a plugin: the config switches its models use (merged under a preset's
-fields by `config.preset`), three module builders registered under the family's checkpoint names
-(the prefix embedding, the image-token embedding, the output head), the CFG null-condition rule,
-and optionally the image positions whose token is fixed (Lumina's end-of-line).
+A family is a record, not a plugin: the config switches its models use (config.FAMILY_SWITCHES,
+merged under a preset's fields by `config.preset`), three module builders registered under the
+family's checkpoint names (the prefix embedding, the image-token embedding, the output head), the
+CFG null-condition rule, and optionally the image positions whose token is fixed (an end-of-line).
 The decode loop, caches, sizing, TP workers and pipeline read the record through the model and the
 config and never branch on the family name.
 
@@ -13,7 +13,7 @@ Shared by every family (in GPTConfig / Transformer, not here):
   * 1D RoPE positions count each row's real tokens, 2D RoPE positions are grid indices.
 
 Adding a family (e.g. Lumina-mGPT): write its three builders and its null rule in its own module,
-add a `Family` here, and presets with `family=<name>` in config.py.
+add a `Family` here, its switches to config.FAMILY_SWITCHES, and presets with `family=<name>`.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from lineray.models import llamagen
+from lineray.models.config import FAMILY_SWITCHES
 from lineray.models.janus import model as janus
 
 NullRule = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None"], "tuple[torch.Tensor, torch.Tensor | None]"]
@@ -48,15 +49,13 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "llamagen": Family(
-        name="llamagen", switches={},
+        name="llamagen", switches=FAMILY_SWITCHES["llamagen"],
         prefix_name="cls_embedding", prefix_embedding=llamagen.condition_embedding,
         image_name="tok_embeddings", image_embedding=llamagen.token_embedding,
         output_head=llamagen.output_head, null_condition=llamagen.null_condition,
         description="LlamaGen class/caption-conditional GPT, 2D RoPE"),
     "janus": Family(
-        name="janus",
-        switches=dict(model_type="text", rope="1d", rope_style="half", norm_eps=1e-6, vocab_size=16384,
-                      image_embed_dim=8, grid_size=24, line_extra=0),
+        name="janus", switches=FAMILY_SWITCHES["janus"],
         prefix_name="prompt_embedding", prefix_embedding=janus.prompt_embedding,
         image_name="image_embedding", image_embedding=janus.image_embedding,
         output_head=janus.output_head, null_condition=janus.null_prompt,

@@ -1,9 +1,9 @@
 """The LlamaGen family (FoundationVision/LlamaGen autoregressive/models/gpt.py): its condition
-embeddings, image-token table, output head and CFG null rule, on the shared `Transformer`.
+embeddings, image-token table, output head and CFG null rule, on the shared
+`lineray.models.transformer.Transformer` (which LlamaGen's GPT was before the family interface).
 
 Parameter names equal the published checkpoint keys: `cls_embedding.*` (class labels or caption
-features), `tok_embeddings.weight`, `output.weight` (vocab-parallel). `Transformer` is importable from
-here as before the family interface.
+features), `tok_embeddings.weight`, `output.weight` (vocab-parallel).
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from lineray.models.config import GPTConfig
 from lineray.models.layers import ColumnParallelLinear, TPGroup
-from lineray.models.transformer import Attention, FeedForward, RMSNorm, Transformer, TransformerBlock  # noqa: F401
 
 
 class LabelEmbedder(nn.Module):
@@ -101,7 +100,7 @@ def output_head(cfg: GPTConfig, tp: TPGroup) -> nn.Module:
     return ColumnParallelLinear(cfg.dim, cfg.vocab_size, tp, gather_output=True)  # vocab-parallel
 
 
-def null_condition(model: Transformer, cond: torch.Tensor, mask: torch.Tensor | None):
+def null_condition(model: nn.Module, cond: torch.Tensor, mask: torch.Tensor | None):
     """The null class (c2i) or the learned null caption (t2i); the key mask stays the row's."""
     if model.config.model_type == "c2i":
         if not model.supports_cfg:

@@ -32,7 +32,7 @@ from lineray.models.bundles import BUNDLES, bundle_module
 from lineray.models.checkpoint import load_checkpoint
 from lineray.models.config import PRESETS, GPTConfig, preset, preset_family
 from lineray.models.layers import TPGroup, checkpoint_tensors
-from lineray.models.llamagen import Transformer
+from lineray.models.transformer import Transformer
 from lineray.validation import STRICT
 
 RANDOM = "random"  # checkpoint / decoder value meaning "random weights" (seeded by ModelSpec.seed)

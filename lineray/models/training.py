@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lineray.models.llamagen import Transformer
+from lineray.models.transformer import Transformer
 
 
 def use_bf16(mode: str) -> bool:

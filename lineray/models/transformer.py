@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from lineray.kernels.rope import apply_rope, rope_table_1d, rope_table_2d
 from lineray.models.config import GPTConfig
+from lineray.models.family import family_of
 from lineray.models.layers import (HeadLayerNorm, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
                                    TPGroup, checkpoint_tensors, merge_parts)
 
@@ -107,9 +108,8 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: GPTConfig, tp: TPGroup = TPGroup()):
         super().__init__()
-        from lineray.models.family import FAMILIES  # the family modules import this one's neighbours
         self.config, self.tp = cfg, tp
-        self.family = family = FAMILIES[cfg.family]
+        self.family = family = family_of(cfg.family)
         # Registered under the family's checkpoint names (LlamaGen: cls_embedding, tok_embeddings;
         # Janus: prompt_embedding, image_embedding), in this order: embeddings first, then the blocks.
         prefix = family.prefix_embedding(cfg)
@@ -158,8 +158,8 @@ class Transformer(nn.Module):
         return self.config.n_head // self.tp.size
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> "Transformer":
-        """LlamaGen's initialisation (normal(0, std), norms one, zero output head) for training from
-        scratch. Parameters every rank holds whole are drawn first, so they are the same for any tp."""
+        """LlamaGen's initialisation (normal(0, std), norms one, the head's last projection zero) for
+        training from scratch. Parameters every rank holds whole are drawn first, so they are the same for any tp."""
         split = {t.target.untyped_storage().data_ptr() for t in checkpoint_tensors(self) if t.split}
         for name, p in sorted(self.named_parameters(), key=lambda item: item[1].untyped_storage().data_ptr() in split):
             with torch.no_grad():
@@ -169,7 +169,8 @@ class Transformer(nn.Module):
                     p.normal_(0.0, p.size(-1) ** -0.5, generator=generator)
                 else:
                     p.normal_(0.0, std, generator=generator)
-        nn.init.zeros_(self.output.weight if hasattr(self.output, "weight") else self.output.fc2.weight)
+        last = [p for name, p in self.output.named_parameters() if name.endswith("weight")][-1]
+        nn.init.zeros_(last)  # the head's last projection: LlamaGen's output.weight, Janus's output.fc2
         return self
 
     def compile_dense(self) -> "Transformer":

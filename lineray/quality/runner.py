@@ -67,7 +67,7 @@ def load_model(bundle: str = "digits", model_dir: str | Path | None = None):
     directory of that bundle's trainer (gpt.json, gpt.safetensors, tokenizer.safetensors)."""
     from lineray.models.bundles import bundle_module
     from lineray.models.checkpoint import load_checkpoint
-    from lineray.models.llamagen import Transformer
+    from lineray.models.transformer import Transformer
     b = bundle_module(bundle)
     d = Path(model_dir) if model_dir is not None else b.ASSET_DIR
     model = Transformer(b.model_config(d / b.GPT_JSON))

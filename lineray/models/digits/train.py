@@ -22,8 +22,8 @@ from lineray.models.config import GPTConfig, preset
 from lineray.models.digits import GPT_FILE, GPT_JSON, TOKENIZER_FILE
 from lineray.models.digits.data import Augment, AugmentedBatches, load_digits_split, render
 from lineray.models.digits.tokenizer import PatchTokenizer
-from lineray.models.llamagen import Transformer
 from lineray.models.training import heldout_nll, learning_rate, make_optimizer, save_model, use_bf16
+from lineray.models.transformer import Transformer
 
 
 @dataclass

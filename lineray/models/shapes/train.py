@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from lineray.models.config import GPTConfig
-from lineray.models.llamagen import Transformer
 from lineray.models.shapes import GPT_FILE, GPT_JSON, PRESET, TOKENIZER_FILE
 from lineray.models.shapes.data import NUM_CLASSES, PATCH, SceneBatches, heldout_scenes, make_scenes
 from lineray.models.patch_tokenizer import PatchTokenizer
 from lineray.models.training import heldout_nll, learning_rate, make_optimizer, save_model, use_bf16
+from lineray.models.transformer import Transformer
 
 STATE_FILE = "train_state.pt"
 
