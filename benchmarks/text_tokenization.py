@@ -5,7 +5,7 @@ before it reaches a generator), so the reader tokenizes every row anyway. The qu
 generators get the ids from it (what lineray does) or tokenize the text again themselves. A generate
 stage is synchronous: whatever it does besides generating, its device waits for. Measured here:
 
-1. generator: seconds per batch of the real GenerateStage (janus-tiny, random weights, 4 x 4 tokens, CFG)
+1. generator: seconds per batch of the real GenerateStage (janus-tiny, random weights, 6 x 6 tokens, CFG)
    given the ids, and the seconds the same stage would add tokenizing that batch's texts first (a
    32k-token byte-level BPE with Janus-Pro's template: PromptEncoder.encode on the batch). Both in one
    process, alternating rounds; the share is tokenize / (generate + tokenize).
@@ -80,7 +80,7 @@ def generator_side(batches: list[int], rounds: int, bpe_folder: Path) -> list[di
     tiny_tok.mkdir()
     write_tokenizer(tiny_tok)
     model = dict(preset="janus-tiny", checkpoint="random", tokenizer=str(tiny_tok),
-                 vq_config=dict(codebook_size=256, ch=32, z_channels=32))
+                 vq_config=dict(codebook_size=32, ch=32, z_channels=32))
     job = JobConfig.from_dict(dict(source="-", output="-", model=model, sampling=dict(cfg_scale=5.0)))
     stage = GenerateStage(job.replica_config)
     tiny, bpe = job.model.prompt_encoder(), prompt_encoder(bpe_folder, max_tokens=256)
@@ -148,7 +148,7 @@ def main() -> None:
     print(f"trained a 32k byte-level BPE in {time.perf_counter() - t0:.1f} s")
     gen = generator_side([int(b) for b in args.batches.split(",")], args.rounds, bpe)
     print_table(gen, ["batch", "generate_ms", "tokenize_ms", "tokenize_us_per_prompt", "share_if_in_generator"],
-                "generator: one GenerateStage batch (janus-tiny, 16 image tokens, CFG, 1 thread) vs tokenizing "
+                "generator: one GenerateStage batch (janus-tiny, 36 image tokens, CFG, 1 thread) vs tokenizing "
                 "its prompts (32k BPE + template)")
     read = reader_side(args.rows, bpe)
     print_table(read, ["reader", "rows", "seconds", "rows_per_s", "us_per_row"],

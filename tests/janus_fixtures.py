@@ -204,8 +204,8 @@ def transformers_generate(model, ids: list[int], guidance: float) -> Oracle:
     cache, `generation_head`, CFG on [cond; uncond] rows (uncond = BOS, CFG pads, BOI, as transformers
     builds it), argmax, `prepare_embeddings_for_image_generation`. Returns every step's logits, which
     `generate` does not (its output_logits holds only the last hidden state). At guidance 1 transformers'
-    generate fails (it still doubles the rows; observed in 5.24), so this loop is the oracle there; at
-    guidance > 1 a test checks it gives generate's tokens."""
+    generate fails (it still doubles the rows; observed in 5.24), so this loop is the oracle there; a test
+    checks it gives generate's tokens at guidance 5 and at 1 + 1e-6."""
     from transformers import DynamicCache
     lm, head = model.model.language_model, model.model.generation_head
     row = torch.tensor([ids])

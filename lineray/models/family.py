@@ -1,9 +1,9 @@
 """Model families: what one family supplies on top of the shared `Transformer` (DESIGN.md section 7).
 
 A family is a record, not a plugin: the config switches its models use (config.FAMILY_SWITCHES,
-merged under a preset's fields by `config.preset`), three module builders registered under the family's checkpoint names
-(the prefix embedding, the image-token embedding, the output head), the CFG null-condition rule,
-and optionally the image positions whose token is fixed (Lumina's end-of-line).
+merged under a preset's fields by `config.preset`), three module builders registered under the
+family's checkpoint names (the prefix embedding, the image-token embedding, the output head), the
+CFG null-condition rule, and optionally the image positions whose token is fixed (an end-of-line).
 The decode loop, caches, sizing, TP workers and pipeline read the record through the model and the
 config and never branch on the family name.
 

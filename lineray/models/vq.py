@@ -12,10 +12,9 @@ batch (a few hundred MB per 384 px image) never sit in memory together.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

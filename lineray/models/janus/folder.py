@@ -8,11 +8,13 @@ Two layouts are read (MODELS.md A4; lineray.models.janus.keys has their key name
                 text_config / vision_config / vq_config, model.safetensors or shards + index
 Both need the folder's tokenizer.json (BOS and the CFG pad id come from it).
 
-What the caller uses:
+What the caller uses (errors: FolderError, a CheckpointError, one line naming file and field/key):
+  check_folder(dir)                             config.json and tokenizer.json readable as Janus-Pro
   read_config(dir) -> GPTConfig                 the Transformer's shape, family switches and token ids
   lm_reader(dir, config) -> KeyMappedReader     load_checkpoint(model, reader) fills the Transformer
+                                                (or a TP rank's slices of it)
   load_vq_decoder(dir) -> VQDecoder             the image decoder shipped inside the checkpoint
-  PromptEncoder.from_folder(dir, max_tokens)    (prompt.py) text -> prefix token ids
+  prompt_encoder(dir, max_tokens)               prompt.PromptEncoder: text -> prefix token ids
 """
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ from lineray.models.checkpoint import KeyMap
 
 @dataclass(frozen=True)
 class Layout:
+    """Where one on-disk layout keeps each part of Janus-Pro (key prefixes)."""
     name: str
     lm: str  # prefix of the Llama body (embed_tokens, layers, norm)
     gen: dict[str, str]  # lineray module -> this layout's module, for the generation-side modules
@@ -54,8 +55,6 @@ TRANSFORMERS = Layout(
          "output.fc1": "model.generation_head.proj_out", "output.fc2": "model.generation_head.vision_head"},
     gen_roots=("model.generation_embeddings.", "model.generation_aligner.", "model.generation_head."),
     vq="model.vqmodel.", understanding=("model.vision_model.", "model.aligner."), lm_head="lm_head.")
-
-LAYOUTS = {layout.name: layout for layout in (DEEPSEEK, TRANSFORMERS)}
 
 # Per transformer block: lineray name -> the Llama names (one, or several stacked along dim 0).
 _BLOCK = {
