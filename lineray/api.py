@@ -22,17 +22,18 @@ DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 @dataclass
 class SampleResult:
-    labels: list[int]
+    labels: list[int]  # class ids (c2i); empty for text prompts
     seeds: list[int]
     tokens: torch.Tensor  # [B, N]
     images: np.ndarray  # [B, H, W, 3] uint8
     paths: list[Path] = field(default_factory=list)
     sheet: Path | None = None
     seconds: float = 0.0
+    prompts: list[str] = field(default_factory=list)  # text prompts (text-prompt families); empty for classes
 
     @property
     def images_per_second(self) -> float:
-        return len(self.labels) / self.seconds if self.seconds else float("nan")
+        return len(self.seeds) / self.seconds if self.seconds else float("nan")
 
 
 def resolve_device(device: str | None = None) -> str:
@@ -46,32 +47,25 @@ def resolve_device(device: str | None = None) -> str:
     return device
 
 
-def sample(classes: list[int], *, model: ModelSpec = ModelSpec(), cache: CacheSpec = CacheSpec(),
-           sampling: SamplingConfig | None = None, seed: int = 0, seeds: list[int] | None = None,
-           batch_size: int = 16, tp: int = 1, device: str | None = None, compile: bool = False,
-           out: str | Path | None = None, progress: bool = True, replica=None) -> SampleResult:
-    """Generate one image per class label. Image i gets seed `seeds[i]` (default `seed + i`).
+def sample(classes: list[int] | None = None, *, prompts: list[str] | None = None, model: ModelSpec = ModelSpec(),
+           cache: CacheSpec = CacheSpec(), sampling: SamplingConfig | None = None, seed: int = 0,
+           seeds: list[int] | None = None, batch_size: int = 16, tp: int = 1, device: str | None = None,
+           compile: bool = False, out: str | Path | None = None, progress: bool = True, replica=None) -> SampleResult:
+    """Generate one image per class label (c2i models) or per text prompt (Janus-Pro and other text-prompt
+    families). Image i gets seed `seeds[i]` (default `seed + i`).
 
-    device: cpu, cuda or cuda:N; None = CUDA when present. The class ids, the tp size and the
-    cache settings are checked before the model loads. Writes `out/{i:04d}_class{c}.png` and
-    `out/contact_sheet.png` when `out` is given.
+    device: cpu, cuda or cuda:N; None = CUDA when present. The class ids or prompts, the tp size and the
+    cache settings are checked before the model loads. Writes `out/{i:04d}_class{c}.png` (or
+    `out/{i:04d}_{first words}.png`) and `out/contact_sheet.png` when `out` is given.
     """
-    classes = [int(c) for c in classes]
-    if not classes:
-        raise GenerationError("no prompts given: the class list is empty")
-    seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(classes))]
-    if len(seeds) != len(classes):
-        raise GenerationError(f"{len(classes)} classes but {len(seeds)} seeds")
     model_cfg = model.config()
-    if model_cfg.model_type != "c2i":
-        raise GenerationError(f"sample takes class ids; {model.name} is text-conditional: write text prompts "
-                              f"to a file and run a job (lineray generate)")
-    bad = [c for c in classes if not 0 <= c < model_cfg.num_classes]
-    if bad:
-        raise GenerationError(f"class id {bad[0]} is out of range: this model has {model_cfg.num_classes} classes "
-                              f"(0..{model_cfg.num_classes - 1})")
+    conditions, captions = _conditions(model, model_cfg, classes, prompts)
+    n = len(captions)
+    seeds = list(seeds) if seeds is not None else [seed + i for i in range(n)]
+    if len(seeds) != n:
+        raise GenerationError(f"{n} {'prompts' if prompts is not None else 'classes'} but {len(seeds)} seeds")
     model_cfg.check_tp(tp, model.preset)
-    cache.plan(model_cfg.grid_size, model_cfg.grid_size, model_cfg.image_tokens)
+    model_cfg.cache_plan(cache)
     device = resolve_device(device)
     if sampling is None:
         sampling = model.default_sampling()
@@ -80,30 +74,77 @@ def sample(classes: list[int], *, model: ModelSpec = ModelSpec(), cache: CacheSp
     replica = replica or make_replica(cfg)
     decoder = model.build_decoder(device=device)
     n_tok = replica.model_config.image_tokens
-    bar = _progress(len(classes) * n_tok, progress)
+    bar = _progress(n * n_tok, progress)
     t0 = time.perf_counter()
     try:
         tokens = []
-        for start in range(0, len(classes), batch_size):
+        for start in range(0, n, batch_size):
             chunk = slice(start, start + batch_size)
-            tokens.append(replica.generate(Condition.classes(classes[chunk]), seeds[chunk],
-                                           on_step=lambda i, n=len(classes[chunk]): bar.update(n)))
+            rows = len(seeds[chunk])
+            tokens.append(replica.generate(conditions(chunk), seeds[chunk], on_step=lambda i, k=rows: bar.update(k)))
     finally:
         bar.close()
         if own:
             replica.shutdown()
     tokens = torch.cat(tokens)
-    grid = replica.model_config.grid_size
+    lines = tokens.view(-1, model_cfg.grid_h, model_cfg.line_tokens)  # by line, end-of-line tokens last (Lumina)
     with torch.inference_mode():
-        images = to_uint8(decoder.decode_codes(tokens.view(-1, grid, grid).to(device)))
-    result = SampleResult(classes, seeds, tokens, images, seconds=time.perf_counter() - t0)
+        images = to_uint8(decoder.decode_codes(lines.to(device)))
+    result = SampleResult(list(classes or []) if prompts is None else [], seeds, tokens, images,
+                          seconds=time.perf_counter() - t0, prompts=list(prompts or []))
     if out is not None:
         out = Path(out)
-        result.paths = [save_png(img, out / f"{i:04d}_class{c}.png") for i, (img, c) in enumerate(zip(images, classes))]
-        sheet = contact_sheet(list(images), [f"{c}" for c in classes])
+        names = [f"class{c}" for c in result.labels] or [_slug(p) for p in result.prompts]
+        result.paths = [save_png(img, out / f"{i:04d}_{name}.png") for i, (img, name) in enumerate(zip(images, names))]
         result.sheet = out / "contact_sheet.png"
-        sheet.save(result.sheet)
+        contact_sheet(list(images), captions).save(result.sheet)
     return result
+
+
+def _conditions(model: ModelSpec, model_cfg, classes, prompts):
+    """(chunk -> Condition, one caption per image), after checking every class id or prompt (no model loaded)."""
+    if (classes is None) == (prompts is None):
+        raise GenerationError("give class ids (classes=[...]) or text prompts (prompts=[...]), not both"
+                              if classes is not None else "no prompts given: pass classes=[...] or prompts=[...]")
+    if prompts is not None:
+        if model_cfg.model_type != "text":
+            kind = "class ids" if model_cfg.model_type == "c2i" else "caption embeddings (a job with text_encoder)"
+            raise GenerationError(f"{model.name} takes {kind}, not text prompts")
+        ids = prompt_token_ids(model, model_cfg, list(prompts))
+        return (lambda chunk: Condition.prompts(ids[chunk])), list(prompts)
+    classes = [int(c) for c in classes]
+    if not classes:
+        raise GenerationError("no prompts given: the class list is empty")
+    if model_cfg.model_type != "c2i":
+        raise GenerationError(f"sample takes class ids for class-conditional models; {model.name} is "
+                              + ("a text-prompt model: pass prompts=[...] (--prompt TEXT)" if model_cfg.model_type == "text"
+                                 else "text-conditional: write text prompts to a file and run a job (lineray generate)"))
+    bad = [c for c in classes if not 0 <= c < model_cfg.num_classes]
+    if bad:
+        raise GenerationError(f"class id {bad[0]} is out of range: this model has {model_cfg.num_classes} classes "
+                              f"(0..{model_cfg.num_classes - 1})")
+    return (lambda chunk: Condition.classes(classes[chunk])), [str(c) for c in classes]
+
+
+def prompt_token_ids(model: ModelSpec, model_cfg, prompts: list[str]) -> list[list[int]]:
+    """Every prompt's token ids, or a GenerationError naming the first bad prompt (its number and start)."""
+    from lineray.pipelines.prompts import RowError, encode_prompt
+
+    if not prompts:
+        raise GenerationError("no prompts given: the prompt list is empty")
+    encoder = model.prompt_encoder()
+    ids = []
+    for i, text in enumerate(prompts, 1):
+        try:
+            ids.append(encode_prompt(encoder, text, model_cfg.max_prefix_len))
+        except RowError as e:
+            raise GenerationError(f"prompt {i}: {e}") from None
+    return ids
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    """A file-name-safe start of a prompt: "a red fox in snow" -> "a-red-fox-in-snow"."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:limit].rstrip("-") or "prompt"
 
 
 def default_sampling(model: ModelSpec) -> SamplingConfig:

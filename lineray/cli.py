@@ -1,6 +1,7 @@
 """`lineray ...`: the one command line (console entry point and `python -m lineray.cli`).
 
     lineray sample --classes 3,5 --cache linear --rho 1/4            images in this process (no Ray)
+    lineray sample --model janus-pro-1b --checkpoint Janus-Pro-1B/ --prompt "a red fox in snow"
     lineray generate configs/jobs/digits.yaml --replicas 2           a batch job on Ray
     lineray submit configs/jobs/s3_example.yaml --address http://head:8265 --wait
     lineray job-status|job-logs|job-stop JOB_ID --address http://head:8265
@@ -19,7 +20,7 @@ import lineray
 
 # argparse dest -> setting (dotted path in the job schema). One table for every command.
 FLAGS = {
-    **{k: f"model.{k}" for k in ("preset", "checkpoint", "decoder", "grid_size", "dtype", "ema")},
+    **{k: f"model.{k}" for k in ("preset", "checkpoint", "decoder", "tokenizer", "grid_size", "dtype", "ema")},
     **{k: f"cache.{k}" for k in ("policy", "rho", "lines", "recent_lines", "anchor_lines", "pool",
                                  "head_aggregate", "cfg_shared")},
     **{k: f"sampling.{k}" for k in ("cfg_scale", "cfg_interval", "temperature", "top_k", "top_p")},
@@ -34,12 +35,18 @@ SAMPLE_SECTIONS = ("model", "cache", "sampling")  # what `lineray sample --confi
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", dest="preset", metavar="NAME",
-                   help="a bundled model (digits, the default) or a preset (GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-3B, "
-                        "GPT-tiny) with --checkpoint and --vq; `lineray presets` lists them")
+                   help="a bundled model (digits, the default), a LlamaGen preset (GPT-B ... GPT-3B, GPT-tiny) with "
+                        "--checkpoint and --vq, or a text-prompt family's preset (janus-pro-1b, janus-pro-7b) with "
+                        "--checkpoint FOLDER; `lineray presets` lists them")
     g.add_argument("--checkpoint", metavar="PATH|random",
-                   help="GPT weights (.pt/.pth/.safetensors) of a preset; 'random' for random weights")
+                   help="LlamaGen: GPT weights (.pt/.pth/.safetensors); Janus-Pro: the downloaded model folder "
+                        "(config.json, tokenizer.json, weights); 'random' for random weights")
     g.add_argument("--vq", dest="decoder", metavar="PATH|random",
-                   help="VQ-16 image decoder (vq_ds16_c2i.pt) of a preset; 'random' for a random decoder")
+                   help="VQ-16 image decoder (vq_ds16_c2i.pt) of a LlamaGen preset; 'random' for a random decoder "
+                        "(folder families read theirs from the checkpoint folder)")
+    g.add_argument("--tokenizer", metavar="PATH",
+                   help="tokenizer.json (or its folder) for text prompts; default: the checkpoint folder's "
+                        "(needed with --checkpoint random)")
     g.add_argument("--grid-size", type=int, help="image tokens per side (16 for 256 px, 24 for 384 px)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"],
                    help="compute dtype (default float32; auto = bfloat16 where the hardware has it)")
@@ -136,8 +143,12 @@ def job_from_args(args):
 
 # -- sample ----------------------------------------------------------------------------------------
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9", help="comma-separated class ids")
-    p.add_argument("--count", type=int, default=1, help="images per class")
+    p.add_argument("--classes", help="comma-separated class ids (class-conditional models; default 0,1,...,9)")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="a text prompt (text-prompt models such as Janus-Pro); may repeat")
+    p.add_argument("--prompts-file", metavar="FILE",
+                   help="text prompts, one per line (blank lines skipped), or JSONL rows with a prompt field")
+    p.add_argument("--count", type=int, default=1, help="images per class or prompt")
     p.add_argument("--seed", type=int, default=0, help="image i gets seed SEED + i")
     p.add_argument("--out", default="out/samples", help="output folder for PNGs and contact_sheet.png")
     p.add_argument("--batch-size", type=int, default=16, help="images generated together")
@@ -170,7 +181,8 @@ def sample_settings(args):
     cache = data.get("cache") or {}
     if cache.get("policy", "full") != "full" and cache.get("rho") is None and cache.get("lines") is None:
         data["cache"] = cache | {"rho": "1/6"}  # `--cache linear` alone: LineAR's headline budget
-    data = with_default_sampling(data)
+    # No sampling section: the model's own defaults (a bundle's tuned settings, Janus-Pro's CFG 5), as api.sample
+    data = with_default_sampling({**data, "sampling": data.get("sampling") or {}})
     from lineray.cache import CacheSpec
     from lineray.kernels.sampling import SamplingConfig
     from lineray.models.spec import ModelSpec
@@ -196,19 +208,64 @@ def parse_classes(text: str) -> list[int]:
         raise ValueError(f"--classes must be comma-separated class ids, got {text!r}") from None
 
 
+def read_prompts_file(path: str) -> list[str]:
+    """One prompt per line, or JSONL rows {"prompt": ...}; blank lines are skipped."""
+    import json
+    from pathlib import Path
+
+    try:
+        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise FileNotFoundError(f"--prompts-file {path}: {e.strerror}") from None
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if path.endswith((".jsonl", ".ndjson")):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--prompts-file {path} line {n}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise ValueError(f"--prompts-file {path} line {n}: a JSONL row needs a prompt text field")
+            line = row["prompt"]
+        prompts.append(line)
+    if not prompts:
+        raise ValueError(f"--prompts-file {path} holds no prompts")
+    return prompts
+
+
+def sample_inputs(args, model_type: str) -> tuple[list[int] | None, list[str] | None]:
+    """(classes, prompts) of `lineray sample`, repeated --count times; the one the model takes."""
+    prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    if prompts and args.classes is not None:
+        raise ValueError("give --classes or --prompt/--prompts-file, not both")
+    if model_type == "text" and not prompts:
+        raise ValueError("this model takes text prompts: --prompt TEXT (may repeat) or --prompts-file FILE")
+    if prompts:
+        return None, [p for p in prompts for _ in range(args.count)]
+    classes = parse_classes("0,1,2,3,4,5,6,7,8,9" if args.classes is None else args.classes)
+    return [c for c in classes for _ in range(args.count)], None
+
+
 def run_sample(args) -> int:
-    from lineray.api import resolve_device, sample
+    from lineray.api import prompt_token_ids, resolve_device, sample
 
     model, cache, sampling = sample_settings(args)
-    classes = [c for c in parse_classes(args.classes) for _ in range(args.count)]
     cfg = model.config()
-    plan = cache.plan(cfg.grid_size, cfg.grid_size, cfg.image_tokens)
+    classes, prompts = sample_inputs(args, cfg.model_type)
+    cfg.check_tp(args.tp, model.preset)  # these checks before the first line: an error is one line
+    if prompts is not None:
+        prompt_token_ids(model, cfg, prompts)
+    plan = cfg.cache_plan(cache)
     device = resolve_device(args.device)
-    print(f"lineray sample: {len(classes)} images, model {model.name}, cache {plan.describe()}, tp {args.tp}, "
+    n = len(prompts if prompts is not None else classes)
+    print(f"lineray sample: {n} images, model {model.name}, cache {plan.describe()}, tp {args.tp}, "
           f"{device}", file=sys.stderr)
-    # sample() checks the class ids and the tp size before the model loads
-    run = lambda: sample(classes, model=model, cache=cache, sampling=sampling, seed=args.seed,  # noqa: E731
-                         batch_size=args.batch_size, tp=args.tp, device=device, compile=args.compile, out=args.out)
+    # sample() checks the class ids or prompts and the tp size before the model loads
+    run = lambda: sample(classes, prompts=prompts, model=model, cache=cache, sampling=sampling,  # noqa: E731
+                         seed=args.seed, batch_size=args.batch_size, tp=args.tp, device=device, compile=args.compile,
+                         out=args.out)
     if args.tp > 1:
         from lineray.cluster.local import ray_session
         with ray_session():
@@ -333,23 +390,38 @@ def run_eval(args) -> int:
 
 def run_presets(args) -> int:
     from lineray.models.bundles import BUNDLES, shipped
-    from lineray.models.config import PRESETS, preset
+    from lineray.models.config import PRESETS, preset, preset_family
+    from lineray.models.family import FAMILIES
+    from lineray.models.sizing import param_count
+    from lineray.models.spec import FAMILY_NEEDS
 
     print("bundled models (weights included): "
           + ", ".join(b if shipped(b) else f"{b} (weights not shipped yet)" for b in BUNDLES))
-    print(f"{'preset':<12}{'layers':>7}{'dim':>6}{'heads':>6}{'head_dim':>9}{'ffn':>6}{'params':>9}  valid tp")
-    for name in PRESETS:
-        c = preset(name)
-        params = (c.vocab_size * c.dim * 2 + c.n_layer * (4 * c.dim * c.dim + 3 * c.dim * c.ffn_hidden)) / 1e6
-        print(f"{name:<12}{c.n_layer:>7}{c.dim:>6}{c.n_head:>6}{c.head_dim:>9}{c.ffn_hidden:>6}{params:>8.0f}M  "
-              f"{','.join(map(str, c.valid_tp_sizes()))}")
+    for family, record in FAMILIES.items():
+        names = [n for n in PRESETS if preset_family(n) == family]
+        if not names:
+            continue
+        print(f"\n{family}: {record.description}\n  needs {FAMILY_NEEDS.get(family, '--checkpoint PATH')}")
+        print(f"  {'preset':<14}{'layers':>7}{'dim':>6}{'heads':>6}{'head_dim':>9}{'ffn':>7}{'params':>9}"
+              f"{'tokens':>8}  {'prompt':<18}valid tp")
+        for name in names:
+            c = preset(name)
+            prompt = {"c2i": "class label", "t2i": "T5 captions"}.get(c.model_type, f"text <= {c.max_prefix_len} tok")
+            print(f"  {name:<14}{c.n_layer:>7}{c.dim:>6}{c.n_head:>6}{c.head_dim:>9}{c.ffn_hidden:>7}"
+                  f"{_millions(param_count(c)):>9}{f'{c.grid_h}x{c.grid_width}':>8}  {prompt:<18}"
+                  f"{','.join(map(str, c.valid_tp_sizes()))}")
     return 0
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.0f}M" if n >= 1e7 else f"{n / 1e6:.2f}M"
 
 
 # name -> (add_arguments, run, help)
 COMMANDS = {
     "sample": (add_sample_arguments, run_sample,
-               "generate images for a few class labels in this process and write PNGs + a contact sheet"),
+               "generate images for a few class labels or text prompts in this process and write PNGs + a contact "
+               "sheet"),
     "generate": (add_generate_arguments, run_generate, "run a batch job (prompts file -> Parquet image dataset) on Ray"),
     "submit": (add_submit_arguments, run_submit, "submit a batch job to a remote Ray cluster (JobSubmissionClient)"),
     "job-status": (add_job_id_arguments, run_status, "status of a submitted job"),
@@ -358,7 +430,8 @@ COMMANDS = {
     "export": (add_export_arguments, run_export, "write a job's images as PNG files plus a contact sheet"),
     "eval": (add_eval_arguments, run_eval,
              "evaluate cache policies on the bundled model (NLL, KL, agreement, FD, class accuracy)"),
-    "presets": (lambda p: None, run_presets, "list bundled models and presets with their shapes and valid tp sizes"),
+    "presets": (lambda p: None, run_presets,
+                "list bundled models and each family's presets: shapes, what they need, valid tp sizes"),
 }
 
 

@@ -15,6 +15,11 @@ TINY_MODEL = dict(preset="GPT-tiny", checkpoint="random", decoder="random", grid
 IMAGE_PX = 64
 
 
+# A Janus-shaped tiny model (janus-tiny: 2 layers, width 64, 6x6 tokens -> 96 px) with random weights; its
+# tokenizer (`tokenizer` key) is a folder with janus_fixtures.write_tokenizer's tiny tokenizer.json.
+TINY_JANUS = dict(preset="janus-tiny", checkpoint="random", vq_config=dict(codebook_size=32, ch=32, z_channels=32))
+
+
 def tiny_job(source: str, output: str, **kw) -> dict:
     """A job dict on the tiny model; kw overrides any setting. Batches are auto: 4 images (the cap) fit."""
     job = dict(source=source, output=output, model=dict(TINY_MODEL), sampling=dict(cfg_scale=2.0, top_k=0),

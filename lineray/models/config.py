@@ -43,6 +43,8 @@ class GPTConfig:
     head_hidden: int = 0  # Janus: hidden width of the gen_head MLP; 0 = LlamaGen's single Linear head
     bos_token_id: int | None = None  # text prompts: the tokenizer's ids (read from tokenizer.json)
     cfg_pad_token_id: int | None = None  # Janus: fills the CFG null prompt between BOS and the last token
+    line_token_id: int | None = None  # the token of each line's extra slots (Lumina's end-of-line), forced
+    image_token_range: tuple[int, int] | None = None  # Lumina: head columns [start, stop) that are image codes
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
@@ -127,6 +129,12 @@ FAMILY_SWITCHES: dict[str, dict] = {
     # its own 16384 x 8 image-token table, 384 px = 24 x 24 tokens.
     "janus": dict(model_type="text", rope="1d", rope_style="half", norm_eps=1e-6, vocab_size=16384,
                   image_embed_dim=8, grid_size=24),
+    # Lumina-mGPT (MODELS.md B1-B3): Chameleon-7B (qk-norm, 1D rotate-half RoPE, eps 1e-5), one 65,536 vocabulary
+    # for prompt and image tokens, lines of W codes + a forced end-of-line; the published vocabulary's ids (image
+    # codes 4..8195, end-of-line 8803; a folder's own ids replace them: lineray.models.lumina.folder).
+    "lumina": dict(model_type="text", rope="1d", rope_style="half", qk_norm=True, norm_eps=1e-5,
+                   text_vocab_size=65536, max_prefix_len=384, line_extra=1, grid_size=48,
+                   image_token_range=(4, 8196), line_token_id=8803, vocab_size=8804, bos_token_id=0),
 }
 
 # LlamaGen's published shapes (DESIGN.md section 2).
@@ -156,7 +164,16 @@ _JANUS = {
     "janus-pro-7b": dict(family="janus", n_layer=30, n_head=32, dim=4096, head_hidden=4096,  # FFN 11008
                          text_vocab_size=102400, max_prefix_len=256),
 }
-PRESETS = {**_LLAMAGEN, **_SMALL, **_JANUS}
+# Lumina-mGPT 7B (MODELS.md B1-B4): Chameleon-7B, one preset per published resolution (the grid is
+# px / 16 a side; non-square sizes set grid_size (rows) and grid_w). Family switches and the published
+# vocabulary's ids: FAMILY_SWITCHES["lumina"]; a checkpoint folder's own ids replace them.
+_LUMINA = {f"lumina-mgpt-{px}": dict(family="lumina", n_layer=32, n_head=32, dim=4096, grid_size=px // 16)  # FFN 11008
+           for px in (512, 768, 1024)}
+# A Lumina-shaped model for tests (tests/lumina_fixtures.py's folder): 96 x 64 px, 4 lines of 6 codes + end-of-line.
+_LUMINA["lumina-tiny"] = dict(family="lumina", n_layer=2, n_head=4, dim=64, grid_size=4, grid_w=6, text_vocab_size=96,
+                              image_token_range=(4, 20), line_token_id=24, vocab_size=25, max_prefix_len=40,
+                              multiple_of=128, ffn_dim_multiplier=0.75)  # FFN 128
+PRESETS = {**_LLAMAGEN, **_SMALL, **_JANUS, **_LUMINA}
 
 
 def preset_family(name: str) -> str:

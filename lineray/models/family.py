@@ -26,6 +26,7 @@ import torch.nn as nn
 from lineray.models import llamagen
 from lineray.models.config import FAMILY_SWITCHES
 from lineray.models.janus import model as janus
+from lineray.models.lumina import model as lumina
 
 NullRule = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None"], "tuple[torch.Tensor, torch.Tensor | None]"]
 
@@ -60,6 +61,13 @@ FAMILIES: dict[str, Family] = {
         image_name="image_embedding", image_embedding=janus.image_embedding,
         output_head=janus.output_head, null_condition=janus.null_prompt,
         description="Janus-Pro text-to-image (Llama LM, gen_embed + aligner, gen_head), 384 px"),
+    "lumina": Family(
+        name="lumina", switches=FAMILY_SWITCHES["lumina"],
+        # one table embeds prompt and image tokens: registered once, under one name
+        prefix_name="prompt_embedding", prefix_embedding=lumina.shared_embedding,
+        image_name="prompt_embedding", image_embedding=lumina.image_embedding,
+        output_head=lumina.output_head, null_condition=lumina.null_prompt, forced_tokens=lumina.forced_tokens,
+        description="Lumina-mGPT text-to-image (Chameleon LM with qk-norm, end-of-line lines), 512-1024 px"),
 }
 
 

@@ -1,18 +1,25 @@
-"""Which model to run: a bundled model or a preset with its checkpoint and image decoder, as one record.
+"""Which model to run: a bundled model, or a preset with its weights, image decoder and tokenizer, as one record.
 
     ModelSpec()                                              the bundled digits model (the default)
     ModelSpec(preset="digits")                               the same, by name (lineray.models.bundles)
     ModelSpec(preset="GPT-XL", checkpoint="/ckpt/c2i_XL_384.pt", decoder="/ckpt/vq_ds16_c2i.pt", grid_size=24)
     ModelSpec(preset="GPT-B", checkpoint="random", decoder="random")   random weights (tests, benchmarks)
+    ModelSpec(preset="janus-pro-1b", checkpoint="/models/Janus-Pro-1B")  a downloaded model folder
+    ModelSpec(preset="janus-pro-1b", checkpoint="random", tokenizer="tokenizer.json")
 
-A preset is only a shape: it has no weights of its own, so it needs `checkpoint` (a path or
-"random") and `decoder` (a path or "random"); leaving either out is an error, never a silent
-fallback. A ModelSpec travels to Ray workers (a small frozen pydantic dataclass: validated on
-construction, picklable), and each worker builds its own shard from it.
+A LlamaGen preset is only a shape: it has no weights of its own, so it needs `checkpoint` (a path
+or "random") and `decoder` (a path or "random"); leaving either out is an error, never a silent
+fallback. A folder family (Janus-Pro) reads everything from the downloaded folder: the config
+(config.json; the preset only checks the size), the tokenizer (tokenizer.json), the weights and
+the image decoder. With `checkpoint: random` it takes the preset's shape, a random decoder, and
+`tokenizer: PATH` for text prompts. The family's name (`janus`) stands for "whatever size the
+folder holds". A ModelSpec travels to Ray workers (a small frozen pydantic dataclass: validated on
+construction, picklable, no file read), and each worker builds its own shard from it.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -23,7 +30,7 @@ from pydantic.dataclasses import dataclass
 from lineray.kernels.sampling import SamplingConfig
 from lineray.models.bundles import BUNDLES, bundle_module
 from lineray.models.checkpoint import load_checkpoint
-from lineray.models.config import PRESETS, GPTConfig, preset
+from lineray.models.config import PRESETS, GPTConfig, preset, preset_family
 from lineray.models.layers import TPGroup, checkpoint_tensors
 from lineray.models.transformer import Transformer
 from lineray.validation import STRICT
@@ -75,11 +82,32 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+# Families whose checkpoint is a downloaded folder (config.json, tokenizer.json, weights, the image decoder):
+# family -> the module that reads it: read_config(dir) -> GPTConfig, lm_reader(dir, cfg) -> a checkpoint reader,
+# load_vq_decoder(dir), prompt_encoder(dir, max_tokens) -> PromptEncoder (encode, bos_id, cfg_pad_id).
+FOLDER_FAMILIES = {"janus": "lineray.models.janus.folder", "lumina": "lineray.models.lumina.folder"}
+# The original code's sampling defaults per family (Janus-Pro: generation_inference.py, MODELS.md A3).
+FAMILY_SAMPLING = {"janus": dict(cfg_scale=5.0, temperature=1.0, top_k=0, top_p=1.0),
+                   # Lumina-mGPT: README (cfg 4, image top-k 2000, T 1; MODELS.md B3)
+                   "lumina": dict(cfg_scale=4.0, temperature=1.0, top_k=2000, top_p=1.0)}
+TOKENIZER_FILE = "tokenizer.json"
+FOLDER_FILES = ("config.json", TOKENIZER_FILE)
+# What a preset of each family needs besides its name (`lineray presets`).
+FAMILY_NEEDS = {
+    "llamagen": "--checkpoint FILE (.pt/.pth/.safetensors) and --vq FILE (the VQ-16 decoder), or 'random' for either",
+    "janus": "--checkpoint FOLDER (the downloaded model folder: config.json, tokenizer.json, the weights with the "
+             "VQ-16 decoder), or --checkpoint random --tokenizer PATH",
+    "lumina": "--checkpoint FOLDER (the downloaded model folder: config.json, tokenizer.json, the weights; Meta's "
+              "vqgan.ckpt + vqgan.yaml copied into it); the preset names the image size",
+}
+
+
 @dataclass(frozen=True, config=STRICT)
 class ModelSpec:
-    preset: str = DEFAULT_BUNDLE  # a bundled model (digits) or a preset shape (GPT-B ... GPT-3B, GPT-tiny)
-    checkpoint: str | None = None  # GPT weights: a path or "random"; None: the bundle's (bundled models only)
-    decoder: str | None = None  # VQ decoder: a path or "random"; None: the bundle's (bundled models only)
+    preset: str = DEFAULT_BUNDLE  # a bundled model (digits), a preset (GPT-B ..., janus-pro-1b) or a folder family
+    checkpoint: str | None = None  # weights: a file (LlamaGen), the model folder (Janus-Pro) or "random"
+    decoder: str | None = None  # VQ decoder: a path or "random"; None: the bundle's / the folder's
+    tokenizer: str | None = None  # text prompts: tokenizer.json or its folder; None: the checkpoint folder's
     grid_size: int | None = None  # image tokens per side; None = the preset's
     model_type: Literal["c2i", "t2i"] | None = None  # None = the preset's
     dtype: Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"] = "float32"  # auto: bf16 where native
@@ -95,18 +123,35 @@ class ModelSpec:
                 raise ValueError(f"{name}: bundled is no longer a value: the bundled model is chosen by name "
                                  f"(preset: {DEFAULT_BUNDLE}); give a path or 'random' here")
         if self.is_bundled:
-            if self.grid_size is not None or self.model_type is not None:
-                raise ValueError(f"the bundled model {self.preset!r} has a fixed shape: "
-                                 f"leave grid_size and model_type unset")
+            if self.grid_size is not None or self.model_type is not None or self.tokenizer is not None:
+                raise ValueError(f"the bundled model {self.preset!r} has a fixed shape and no tokenizer: "
+                                 f"leave grid_size, model_type and tokenizer unset")
             return self
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown model preset {self.preset!r}; bundled models: {', '.join(BUNDLES)}; "
-                             f"presets (need a checkpoint): {', '.join(PRESETS)}")
+        if self.preset not in PRESETS and self.preset not in FOLDER_FAMILIES:
+            raise ValueError(f"unknown model preset {self.preset!r}; {known_models()}")
+        if self.is_folder_family:
+            return self._folder_family()
+        if self.tokenizer is not None:
+            raise ValueError(f"tokenizer is for text-prompt families (janus-pro-1b, ...); {self.preset} reads "
+                             f"class labels or caption embeddings")
         missing = [f"{name}: PATH (or {name}: random)" for name in ("checkpoint", "decoder")
                    if getattr(self, name) is None]
         if missing:
             raise ValueError(f"preset {self.preset} is a shape without weights: it needs {' and '.join(missing)} "
                              f"(flags: --checkpoint, --vq); for the bundled model use preset: {DEFAULT_BUNDLE}")
+        return self
+
+    def _folder_family(self) -> "ModelSpec":
+        if self.checkpoint is None:
+            raise ValueError(f"{self.preset} needs checkpoint: FOLDER (the downloaded model folder with "
+                             f"{', '.join(FOLDER_FILES)} and the weights), or checkpoint: random (flag: --checkpoint)")
+        if self.grid_size is not None or self.model_type is not None:
+            raise ValueError(f"{self.preset}: the folder's config.json decides the shape: leave grid_size and "
+                             f"model_type unset")
+        if self.checkpoint == RANDOM and self.preset in FOLDER_FAMILIES:
+            sizes = [p for p in PRESETS if preset_family(p) == self.preset]
+            raise ValueError(f"checkpoint: random needs a size, not the family {self.preset!r}: "
+                             f"one of {', '.join(sizes)}")
         return self
 
     def to_dict(self) -> dict:
@@ -121,6 +166,17 @@ class ModelSpec:
         return self.preset in BUNDLES
 
     @property
+    def family(self) -> str:
+        if self.is_bundled:
+            return "llamagen"
+        return self.preset if self.preset in FOLDER_FAMILIES else preset_family(self.preset)
+
+    @property
+    def is_folder_family(self) -> bool:
+        """Config, tokenizer, weights and decoder come from one downloaded folder (Janus-Pro)."""
+        return not self.is_bundled and self.family in FOLDER_FAMILIES
+
+    @property
     def name(self) -> str:
         """What ran, for logs and the dataset's model column."""
         if self.is_bundled and self.checkpoint is None:
@@ -132,21 +188,46 @@ class ModelSpec:
     def config(self) -> GPTConfig:
         if self.is_bundled:
             return bundle_module(self.preset).bundled_config()
+        if self.is_folder_family:
+            return _folder_config(self.preset, self.checkpoint, self.tokenizer)
         return preset(self.preset, grid_size=self.grid_size, model_type=self.model_type)
 
     def default_sampling(self) -> SamplingConfig:
-        """The bundle's tuned sampling settings; LlamaGen's c2i defaults for a preset."""
+        """The bundle's tuned sampling settings; the family's original defaults for a preset (LlamaGen: c2i's)."""
         if self.is_bundled:
             return bundle_module(self.preset).bundled_sampling()
-        return SamplingConfig(**LLAMAGEN_SAMPLING)
+        return SamplingConfig(**FAMILY_SAMPLING.get(self.family, LLAMAGEN_SAMPLING))
 
     def checkpoint_path(self) -> Path | None:
-        """The GPT weights file; None for random weights."""
+        """The GPT weights file (or model folder); None for random weights."""
         if self.checkpoint == RANDOM:
             return None
         if self.checkpoint is None:  # a bundle (the validator allows None nowhere else)
             return Path(bundle_module(self.preset).BUNDLED_GPT)
         return Path(self.checkpoint).expanduser()
+
+    def tokenizer_folder(self) -> Path:
+        """Where a text-prompt model's tokenizer.json is: `tokenizer` (the file or its folder), else the
+        checkpoint folder."""
+        if self.tokenizer is not None:
+            path = Path(self.tokenizer).expanduser()
+            if path.name == TOKENIZER_FILE and path.is_file():
+                return path.parent
+            if path.is_dir():
+                return _folder_file(path, TOKENIZER_FILE, "tokenizer folder").parent
+            raise FileNotFoundError(f"tokenizer {path} not found (give a {TOKENIZER_FILE} or its folder)")
+        if self.checkpoint == RANDOM:
+            raise ValueError(f"{self.name} has no tokenizer: with checkpoint: random give tokenizer: PATH "
+                             f"(a {TOKENIZER_FILE} or its folder; flag: --tokenizer)")
+        return _folder_file(self.checkpoint_path(), TOKENIZER_FILE).parent
+
+    def prompt_encoder(self):
+        """The family's PromptEncoder (text -> token ids with the family's template), from tokenizer.json."""
+        cfg = self.config()
+        if cfg.model_type != "text":
+            raise ValueError(f"{self.name} does not take text prompts")
+        encoder = _prompt_encoder(self.family, str(self.tokenizer_folder()), cfg.max_prefix_len)
+        return encoder.for_config(cfg) if hasattr(encoder, "for_config") else encoder  # Lumina: the image size
 
     def build_model(self, tp: TPGroup = TPGroup(), device: str | torch.device = "cpu",
                     compile: bool = False) -> Transformer:
@@ -161,6 +242,8 @@ class ModelSpec:
             # they are the same for any tp; sharded weights are slices of one seeded full tensor.
             model.init_weights(generator=torch.Generator().manual_seed(self.seed))
             _init_shards_consistently(model, self.seed)
+        elif self.is_folder_family:
+            load_checkpoint(model, folder_module(self.family).lm_reader(path, model.config))
         else:
             load_checkpoint(model, path, ema=self.ema)
         model = model.to(device=device, dtype=dtype).eval()
@@ -171,14 +254,84 @@ class ModelSpec:
             return bundle_module(self.preset).load_bundled_tokenizer().to(device)
         from lineray.models.vq import VQConfig, VQDecoder
         shape = VQConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in (self.vq_config or {}).items()})
-        if self.decoder == RANDOM:
+        if self.decoder == RANDOM or (self.decoder is None and self.checkpoint == RANDOM):
             # Random decoder (tests, benchmarks): seeded, so every process builds the same one.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
                 vq = VQDecoder(shape)
+        elif self.decoder is None:  # a folder family: the decoder is in the checkpoint folder
+            vq = folder_module(self.family).load_vq_decoder(self.checkpoint_path())
         else:
             vq = VQDecoder(shape).load(Path(self.decoder).expanduser())
         return vq.to_device(device)  # on CUDA: bf16, channels_last
+
+
+def known_models() -> str:
+    """Every model name by family, for error messages: bundled ones, then each family's presets."""
+    by_family: dict[str, list[str]] = {}
+    for name in PRESETS:
+        by_family.setdefault(preset_family(name), []).append(name)
+    families = "; ".join(f"{family}: {', '.join(names)}" for family, names in by_family.items())
+    return (f"bundled models: {', '.join(BUNDLES)}; families and their presets: {families} "
+            f"(a folder family's name alone, e.g. janus, takes the size from the folder)")
+
+
+def folder_module(family: str):
+    import importlib
+    return importlib.import_module(FOLDER_FAMILIES[family])
+
+
+def _folder_file(folder: Path, name: str, what: str = "checkpoint folder") -> Path:
+    """folder/name, or a one-line error naming what is missing."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} {folder} not found (a downloaded model folder with {', '.join(FOLDER_FILES)})")
+    path = folder / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {folder} has no {name}")
+    return path
+
+
+@lru_cache(maxsize=8)
+def _folder_config(preset_name: str, checkpoint: str, tokenizer: str | None) -> GPTConfig:
+    """A folder family's config: the folder's config.json (with its tokenizer's ids), or the preset's shape for
+    random weights (with `tokenizer`'s ids). Cached: the driver and every stage ask, and tokenizer.json is MBs."""
+    family = preset_name if preset_name in FOLDER_FAMILIES else preset_family(preset_name)
+    spec = ModelSpec(preset=preset_name, checkpoint=checkpoint, tokenizer=tokenizer)
+    if checkpoint == RANDOM:
+        cfg = preset(preset_name)
+    else:
+        folder = Path(checkpoint).expanduser()
+        _folder_file(folder, "config.json")
+        _folder_file(folder, TOKENIZER_FILE)
+        cfg = folder_module(family).read_config(folder)
+        if preset_name in PRESETS:
+            _check_size(preset_name, cfg, folder)
+            sized = preset(preset_name)  # the preset names the image size (Lumina-mGPT 512/768/1024)
+            cfg = replace(cfg, grid_size=sized.grid_size, grid_w=sized.grid_w)
+    if tokenizer is None:
+        return cfg
+    # A tokenizer of its own: its special ids, and every id must have a row in the prompt embedding.
+    encoder = folder_module(family).prompt_encoder(spec.tokenizer_folder())
+    size = encoder.tokenizer.get_vocab_size()
+    if size > cfg.text_vocab_size:
+        raise ValueError(f"tokenizer {tokenizer} has {size} tokens but {preset_name}'s text vocabulary has "
+                         f"{cfg.text_vocab_size}: not this model's tokenizer")
+    return replace(cfg, bos_token_id=encoder.bos_id, cfg_pad_token_id=encoder.cfg_pad_id)
+
+
+def _check_size(preset_name: str, cfg: GPTConfig, folder: Path) -> None:
+    """The folder holds the model the preset names (janus-pro-1b is not a 7B folder)."""
+    want = preset(preset_name)
+    fields = ("n_layer", "dim", "n_head")
+    if any(getattr(cfg, f) != getattr(want, f) for f in fields):
+        shape = lambda c: " x ".join(f"{f} {getattr(c, f)}" for f in fields)  # noqa: E731
+        raise ValueError(f"checkpoint folder {folder} holds a model of {shape(cfg)}, not {preset_name} "
+                         f"({shape(want)}); name its size or the family ({cfg.family}) as the preset")
+
+
+@lru_cache(maxsize=8)
+def _prompt_encoder(family: str, folder: str, max_tokens: int):
+    return folder_module(family).prompt_encoder(Path(folder), max_tokens)
 
 
 def slice_2d(t: torch.Tensor, rows: slice | None, cols: slice | None) -> torch.Tensor:

@@ -14,9 +14,9 @@ from lineray.pipelines.rejects import TooManyBadRows
 from lineray.pipelines.resume import ForeignOutput
 from lineray.pipelines.storage import StorageError
 from lineray.pipelines.prompts import RowError, RowRules, image_seed
-from lineray.pipelines.sink import IMAGE_SCHEMA, Output
+from lineray.pipelines.sink import IMAGE_SCHEMA, PROMPT_IMAGE_SCHEMA, Output
 from lineray.pipelines.sources import PromptSource, SourceError, iter_shards
 
 __all__ = ["JobConfig", "JobConfigError", "StageResources", "JobSummary", "run_job", "RowError", "RowRules",
            "JobStalled", "PlanError", "TooManyBadRows", "ForeignOutput", "StorageError",
-           "image_seed", "IMAGE_SCHEMA", "Output", "PromptSource", "SourceError", "iter_shards"]
+           "image_seed", "IMAGE_SCHEMA", "PROMPT_IMAGE_SCHEMA", "Output", "PromptSource", "SourceError", "iter_shards"]

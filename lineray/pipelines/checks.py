@@ -27,8 +27,7 @@ def class_names(job: JobConfig) -> list[str] | None:
 
 
 def cache_policy_name(job: JobConfig) -> str:
-    g = job.model.config().grid_size
-    return job.cache.plan(g, g, g * g).describe()
+    return job.model.config().cache_plan(job.cache).describe()
 
 
 def check_job(job: JobConfig) -> RowRules:
@@ -43,7 +42,10 @@ def check_job(job: JobConfig) -> RowRules:
     cache_policy_name(job)  # CacheConfigError names a bad budget
     if cfg.model_type == "c2i" and job.text_encoder:
         raise JobConfigError("text_encoder is set but the model is class-conditional (c2i)")
-    if job.text_max_tokens is not None and not 1 <= job.text_max_tokens <= cfg.cls_token_num:
+    if cfg.model_type == "text" and (job.text_encoder or job.text_max_tokens is not None):
+        raise JobConfigError(f"text_encoder / text_max_tokens are for LlamaGen t2i caption features; "
+                             f"{job.model.preset} tokenizes its own prompts (the `prompt` column)")
+    if cfg.model_type == "t2i" and job.text_max_tokens is not None and not 1 <= job.text_max_tokens <= cfg.cls_token_num:
         raise JobConfigError(f"text_max_tokens must be 1..{cfg.cls_token_num} (the model's caption tokens), "
                              f"got {job.text_max_tokens}")
     return RowRules.for_job(job)

@@ -73,7 +73,7 @@ class StageResources:
 FINGERPRINT = ("source", "format", "columns", "shard_rows", "seed", "max_count", "model", "cache", "sampling",
                "text_encoder")
 # Prompt fields a `columns` mapping may rename (see prompts.parse_prompt).
-PromptField = Literal["id", "class", "text", "embedding", "seed", "cfg", "count"]
+PromptField = Literal["id", "class", "text", "embedding", "prompt", "seed", "cfg", "count"]
 PROMPT_FIELDS = get_args(PromptField)
 
 
@@ -132,7 +132,7 @@ class JobConfig:
         except ValueError as e:
             raise ValueError(f"tp: {e}") from None
         try:
-            self.cache.plan(cfg.grid_size, cfg.grid_size, cfg.image_tokens)
+            cfg.cache_plan(self.cache)
         except ValueError as e:
             raise ValueError(f"cache: {e}") from None
         return self

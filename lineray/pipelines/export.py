@@ -16,7 +16,7 @@ from PIL import Image
 
 from lineray.images import contact_sheet
 
-COLUMNS = ["id", "image_index", "label", "image"]
+COLUMNS = ["id", "image_index", "label", "image"]  # a text-prompt family's dataset has `prompt` instead of `label`
 
 
 def export_images(dataset: str, out: str | Path, *, limit: int | None = None, sheet: int = 100,
@@ -31,7 +31,9 @@ def export_images(dataset: str, out: str | Path, *, limit: int | None = None, sh
     written, cells = 0, []
     for path in files:
         with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=COLUMNS)
+            names_in_file = pq.read_schema(f).names
+            f.seek(0)
+            table = pq.read_table(f, columns=[c if c in names_in_file else "prompt" for c in COLUMNS])
             names = class_names(table.schema)
         for row in table.to_pylist():
             if limit is not None and written >= limit:
@@ -40,7 +42,10 @@ def export_images(dataset: str, out: str | Path, *, limit: int | None = None, sh
             (out / f"{row['id']}_{row['image_index']}.png").write_bytes(data)
             written += 1
             if len(cells) < sheet:
-                label = row["id"] if row["label"] is None else names.get(row["label"], row["label"])
+                if "prompt" in row:  # the prompt is the caption (cut to the cell's width by contact_sheet)
+                    label = row["prompt"]
+                else:
+                    label = row["id"] if row["label"] is None else names.get(row["label"], row["label"])
                 cells.append((str(row["id"]), row["image_index"], str(label), data))
     if not cells:
         return written, None

@@ -130,7 +130,8 @@ def _stream(job, plan, source, out, rules, committed, tickets, bar: Progress, on
     monitor = ray.remote(num_cpus=0)(JobMonitor).options(scheduling_strategy=here).remote(job.read_ahead_images)
     try:
         ds = build_dataset(job, plan, source, out, rules, frozenset(committed), tickets, monitor)
-        sink = ShardSink(out, model_name(job), cache_policy_name(job), set(committed), class_names(job))
+        sink = ShardSink(out, model_name(job), cache_policy_name(job), set(committed), class_names(job),
+                         prompts=rules.model_type == "text")
         last = time.time()
         for rows in _batches(ds):
             if rows is None:  # no images for POLL_S: is anything still moving?

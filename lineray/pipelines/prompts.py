@@ -1,8 +1,11 @@
 """One prompt row -> the images it asks for, or the reason it is rejected.
 
-A row: `id` (required, unique), then `class` (class-conditional models) or `text` /
-`embedding` (text-conditional models), and optionally `seed`, `cfg` (guidance scale)
-and `count` (images for this prompt, default 1). Image k of a row gets the seed
+A row: `id` (required, unique), then `class` (class-conditional models), `text` /
+`embedding` (LlamaGen t2i, caption features) or `prompt` (text-prompt families such as
+Janus-Pro: the model reads token ids of the prompt), and optionally `seed`, `cfg`
+(guidance scale) and `count` (images for this prompt, default 1). A `prompt` row is
+tokenized here, where it is checked (empty, longer than the model's context), so the
+generators receive token ids and never tokenize (benchmarks/text_tokenization.py). Image k of a row gets the seed
 `seed + k` when the row gives one, else a hash of (job seed, id, k): the output
 never depends on batching, replica count or retries.
 """
@@ -11,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,7 +28,7 @@ class RowError(ValueError):
 @dataclass(frozen=True)
 class RowRules:
     """What a row must look like for this job's model."""
-    model_type: str  # "c2i" or "t2i"
+    model_type: str  # "c2i", "t2i" (caption embeddings) or "text" (prompt token ids)
     num_classes: int
     caption_tokens: int  # t2i: condition tokens (120 for LlamaGen)
     caption_dim: int  # t2i: caption feature size (2048 for FLAN-T5-XL)
@@ -34,31 +37,55 @@ class RowRules:
     job_seed: int
     max_count: int
     columns: tuple[tuple[str, str], ...] = ()  # (prompt field, the files' column name), from the job's `columns`
+    max_prefix_len: int = 0  # "text": the most prompt tokens (template included) a row may have
+    # "text": the family's PromptEncoder (encode(texts) -> token id lists); travels with the rules to the reader
+    encoder: object = field(default=None, compare=False, repr=False)
 
     @classmethod
     def for_job(cls, job) -> "RowRules":
         cfg = job.model.config()
+        text = cfg.model_type == "text"
         return cls(model_type=cfg.model_type, num_classes=cfg.num_classes, caption_tokens=cfg.cls_token_num,
                    caption_dim=cfg.caption_dim, has_text_encoder=job.text_encoder is not None,
                    default_cfg=job.sampling.cfg_scale, job_seed=job.seed, max_count=job.max_count,
-                   columns=tuple(sorted(job.columns.items())))
+                   columns=tuple(sorted(job.columns.items())), max_prefix_len=cfg.max_prefix_len if text else 0,
+                   encoder=job.model.prompt_encoder() if text else None)
 
     def rename(self, record: dict) -> dict:
         """The row with the files' column names mapped to the prompt fields (the mapping wins over a same-named column)."""
         if not self.columns:
             return record
-        return {**record, **{field: record.get(column) for field, column in self.columns}}
+        return {**record, **{name: record.get(column) for name, column in self.columns}}
+
+    def prompt_ids(self, text: str) -> list[int]:
+        return encode_prompt(self.encoder, text, self.max_prefix_len)
+
+
+def encode_prompt(encoder, text: str, limit: int) -> list[int]:
+    """A prompt's token ids (the family's template included); RowError if it is empty or longer than `limit`."""
+    if not isinstance(text, str) or not text.strip():
+        raise RowError("empty prompt")
+    try:
+        (ids,) = encoder.encode([text])
+    except ValueError as e:  # the family's PromptError: it names the problem and the text's start
+        raise RowError(str(e)) from None
+    if len(ids) > limit:
+        start = text if len(text) <= 40 else text[:40] + "..."
+        raise RowError(f"prompt too long: {len(ids)} tokens with the template, this model takes at most {limit} "
+                       f"({start!r})")
+    return list(ids)
 
 
 @dataclass
 class Prompt:
     id: str
-    label: int  # -1: none (t2i)
-    text: str  # "": none
+    label: int  # -1: none (t2i, text)
+    text: str  # the caption (t2i) or the prompt (text); "": none
     embedding: np.ndarray | None  # [tokens, caption_dim] float32, t2i only
     seed: int | None
     cfg_scale: float
     count: int
+    prompt_ids: list[int] | None = None  # "text": the prompt's token ids
 
     def image_seeds(self, job_seed: int) -> list[int]:
         if self.seed is not None:
@@ -123,8 +150,10 @@ def parse_prompt(record: dict, rules: RowRules) -> Prompt:
     text = "" if _missing(text) else text
     if not isinstance(text, str):
         raise RowError(f"bad text {text!r}: must be a string")
-    label, embedding = -1, None
-    if rules.model_type == "c2i":
+    label, embedding, prompt_ids = -1, None, None
+    if rules.model_type == "text":
+        text, prompt_ids = _text_prompt(record, rules, given)
+    elif rules.model_type == "c2i":
         value = record.get("class")
         if _missing(value):
             raise RowError(f"missing class: this class-conditional model needs a class label{_hint(given, 'class')}")
@@ -153,7 +182,19 @@ def parse_prompt(record: dict, rules: RowRules) -> Prompt:
         if not math.isfinite(cfg_scale) or cfg_scale < 1.0 or isinstance(cfg_value, bool):
             raise RowError(f"bad cfg {cfg_value if isinstance(cfg_value, str) else repr(cfg_value)}: the guidance scale must be a number >= 1")
     count = 1 if _missing(record.get("count")) else _whole(record["count"], "count", 1, rules.max_count + 1)
-    return Prompt(pid, label, text, embedding, seed, cfg_scale, count)
+    return Prompt(pid, label, text, embedding, seed, cfg_scale, count, prompt_ids)
+
+
+def _text_prompt(record: dict, rules: RowRules, given: dict) -> tuple[str, list[int]]:
+    """The `prompt` of a text-prompt family's row and its token ids."""
+    if "prompt" not in record:
+        raise RowError(f"missing prompt: this text-to-image model needs a prompt column{_hint(given, 'prompt')}")
+    value = record["prompt"]
+    if _missing(value):
+        raise RowError("empty prompt")
+    if not isinstance(value, str):
+        raise RowError(f"bad prompt {value!r}: must be text")
+    return value, rules.prompt_ids(value)
 
 
 def _hint(record: dict, field: str) -> str:

@@ -52,6 +52,8 @@ def shard_table(shard: Shard, rules: RowRules, errors_meta: dict | None = None) 
         values = np.concatenate(flat) if flat else np.zeros(0, np.float32)
         table["embedding"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.float32()))
         table["embedding_tokens"] = pa.array([len(f) // rules.caption_dim for f in flat], pa.int32())
+    if rules.model_type == "text":  # token ids, tokenized where the rows are checked (prompts.RowRules.prompt_ids)
+        table["prompt_ids"] = pa.array([img["prompt_ids"] for img in shard.images], pa.list_(pa.int32()))
     return pa.table(table)
 
 

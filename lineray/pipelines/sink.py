@@ -2,7 +2,8 @@
 
 Layout under the output URL:
 
-    data/part-<shard>.parquet     one row per image (IMAGE_SCHEMA), Hugging Face Image column
+    data/part-<shard>.parquet     one row per image (IMAGE_SCHEMA; PROMPT_IMAGE_SCHEMA for text-prompt
+                                  families), Hugging Face Image column
     errors/part-<shard>.parquet   the shard's bad prompt rows (ERROR_SCHEMA), when it has any
     _manifest/<shard>.json        the commit record: a shard is done iff this exists; it holds the
                                   size and checksums of the shard's files
@@ -62,20 +63,27 @@ IMAGE_FEATURES = {
 }
 
 
-def image_schema(class_names: list[str] | None = None) -> pa.Schema:
-    """The output's schema; with class names, `label` is a Hugging Face ClassLabel (names in the metadata)."""
+def image_schema(class_names: list[str] | None = None, prompts: bool = False) -> pa.Schema:
+    """The output's schema; with class names, `label` is a Hugging Face ClassLabel (names in the metadata).
+
+    prompts: a text-prompt family (Janus-Pro, ...): a `prompt` column instead of `label` and `text`."""
     features = dict(IMAGE_FEATURES)
     if class_names:
         features["label"] = {"names": list(class_names), "_type": "ClassLabel"}
-    return pa.schema([
-        ("id", pa.string()), ("image_index", pa.int32()), ("label", pa.int64()), ("text", pa.string()),
-        ("cfg_scale", pa.float32()), ("count", pa.int32()), ("seed", pa.int64()), ("model", pa.string()),
-        ("cache_policy", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-        ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-    ], metadata={"huggingface": json.dumps({"info": {"features": features}})})
+    fields = [("id", pa.string()), ("image_index", pa.int32()), ("label", pa.int64()), ("text", pa.string()),
+              ("cfg_scale", pa.float32()), ("count", pa.int32()), ("seed", pa.int64()), ("model", pa.string()),
+              ("cache_policy", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+              ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())]))]
+    if prompts:
+        fields = [("prompt", pa.string()) if name == "label" else (name, t) for name, t in fields if name != "text"]
+        features = {("prompt" if k == "label" else k): (PROMPT_FEATURE if k == "label" else v)
+                    for k, v in features.items() if k != "text"}
+    return pa.schema(fields, metadata={"huggingface": json.dumps({"info": {"features": features}})})
 
 
+PROMPT_FEATURE = {"dtype": "string", "_type": "Value"}
 IMAGE_SCHEMA = image_schema()  # a model without class names (t2i, random weights)
+PROMPT_IMAGE_SCHEMA = image_schema(prompts=True)  # text-prompt families
 ERROR_SCHEMA = pa.schema([("file", pa.string()), ("row", pa.int64()), ("id", pa.string()),
                           ("reason", pa.string()), ("raw", pa.string())])
 
@@ -311,11 +319,12 @@ def table_bytes(table: pa.Table) -> bytes:
 def image_table(rows: list[dict], model: str, cache_policy: str, schema: pa.Schema = IMAGE_SCHEMA) -> pa.Table:
     """Output rows (from the PNG stage, in any order) -> the shard's table, sorted by (row, image)."""
     rows = sorted(rows, key=lambda r: (r["row"], r["image_index"]))
-    return pa.table({
+    columns = {
         "id": [r["id"] for r in rows],
         "image_index": [r["image_index"] for r in rows],
         "label": [None if r["label"] < 0 else r["label"] for r in rows],
         "text": [r["text"] or None for r in rows],
+        "prompt": [r["text"] for r in rows],  # a text-prompt row carries its prompt in `text`
         "cfg_scale": [r["cfg_scale"] for r in rows],
         "count": [r["count"] for r in rows],
         "seed": [r["seed"] for r in rows],
@@ -324,7 +333,8 @@ def image_table(rows: list[dict], model: str, cache_policy: str, schema: pa.Sche
         "width": [r["width"] for r in rows],
         "height": [r["height"] for r in rows],
         "image": [{"bytes": r["png"], "path": f"{r['id']}-{r['image_index']}.png"} for r in rows],
-    }, schema=schema)
+    }
+    return pa.table({name: columns[name] for name in schema.names}, schema=schema)
 
 
 class ShardSink:
@@ -336,9 +346,9 @@ class ShardSink:
     """
 
     def __init__(self, out: Output, model: str, cache_policy: str, committed: set[str],
-                 class_names: list[str] | None = None):
+                 class_names: list[str] | None = None, prompts: bool = False):
         self.out, self.model, self.cache_policy = out, model, cache_policy
-        self.schema = image_schema(class_names)
+        self.schema = image_schema(class_names, prompts)
         self.committed = set(committed)
         self.pending: dict[str, dict[tuple[int, int], dict]] = {}
 

@@ -68,7 +68,7 @@ class GenerateStage(_Reported):
             sampling = replace(self.sampling, cfg_scale=float(scale))
             seeds = [int(s) for s in np.asarray(batch["seed"])[idx]]
             tokens[idx] = self.replica.generate(self.condition(batch, idx), seeds, sampling=sampling).numpy()
-        out = {k: v for k, v in batch.items() if k not in ("embedding", "embedding_tokens")}
+        out = {k: v for k, v in batch.items() if k not in ("embedding", "embedding_tokens", "prompt_ids")}
         out["tokens"] = tokens
         out["generate_s"] = np.full(n, (time.perf_counter() - start) / n)  # for progress: generator busy time
         self._end(n)
@@ -79,6 +79,8 @@ class GenerateStage(_Reported):
         cfg = self.model_cfg
         if cfg.model_type == "c2i":
             return Condition.classes(torch.as_tensor(np.asarray(batch["label"])[idx], dtype=torch.long))
+        if cfg.model_type == "text":  # token ids from the reader (prompts.RowRules.prompt_ids)
+            return Condition.prompts([np.asarray(batch["prompt_ids"][i]).tolist() for i in idx])
         # Valid caption tokens go at the end of the condition slots, padding first (LlamaGen's layout).
         T, D = cfg.cls_token_num, cfg.caption_dim
         captions = torch.zeros(len(idx), T, D)
@@ -101,14 +103,16 @@ class DecodeStage(_Reported):
 
     def __init__(self, model: ModelSpec, device: str = "cpu", monitor=None):
         self.decoder = model.build_decoder(device=device)
-        self.grid = model.config().grid_size
+        cfg = model.config()
+        # By line as generated: a family with end-of-line tokens (Lumina) has them last; its decoder drops them.
+        self.grid = (cfg.grid_h, cfg.line_tokens)
         self.device = device
         self.monitor = monitor
         stage_report(monitor, self.stage)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._begin(len(batch["tokens"]))
-        codes = torch.from_numpy(np.asarray(batch["tokens"], dtype=np.int64)).view(-1, self.grid, self.grid)
+        codes = torch.from_numpy(np.asarray(batch["tokens"], dtype=np.int64)).view(-1, *self.grid)
         with torch.inference_mode():
             pixels = to_uint8(self.decoder.decode_codes(codes.to(self.device)))
         out = {k: v for k, v in batch.items() if k != "tokens"}

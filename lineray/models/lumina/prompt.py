@@ -1,0 +1,136 @@
+"""Lumina-mGPT prompts: text + image size -> token ids, as the original builds them.
+
+Template (LUM generate_examples/generate.py, data/convertsation.py, xllmx item_processor): BOS, then
+the text `Generate an image of {W}x{H} according to the following prompt:\\n{prompt}` followed by the
+end-of-turn token `<reserved08706>`, tokenized as one string without the tokenizer's own special
+tokens (xllmx Tokenizer.encode(add_special_tokens=False) with BOS prepended). There is no role text.
+
+The model's answer starts with begin-of-image and the two size tokens (height, width in 32 px
+units); lineray forces these from the requested size, so they belong to the prefix the model is
+prefilled with (`image_prefix`): the conditional row is prompt + image prefix, the unconditional
+CFG row is the image prefix alone (Lumina's separate sequence from begin-of-image, positions from 0).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from lineray.models.lumina.vocab import PATCH_PX, LuminaVocab
+
+TEMPLATE = "Generate an image of {w}x{h} according to the following prompt:\n{prompt}"
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be used (empty, too long, a size the model cannot make); names the prompt."""
+
+
+def _show(text: str, n: int = 40) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")
+
+
+@dataclass(frozen=True)
+class ImageSize:
+    """Width x height in pixels, multiples of 32 (the size tokens count 32 px patches)."""
+    width: int
+    height: int
+
+    @classmethod
+    def parse(cls, value) -> "ImageSize":
+        """768, "768", "768x512" (width x height), (768, 512) or an ImageSize."""
+        if isinstance(value, ImageSize):
+            return value
+        try:
+            if isinstance(value, (tuple, list)):
+                w, h = (int(v) for v in value)
+            elif isinstance(value, int) or "x" not in str(value).lower():
+                w = h = int(value)
+            else:
+                w, h = (int(v) for v in str(value).lower().split("x"))
+        except (TypeError, ValueError):
+            raise PromptError(f"image size must be WIDTHxHEIGHT in pixels (e.g. 768x512), got {value!r}") from None
+        if w <= 0 or h <= 0 or w % PATCH_PX or h % PATCH_PX:
+            raise PromptError(f"image size {w}x{h}: width and height must be positive multiples of {PATCH_PX} px")
+        return cls(w, h)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, codes per row) of the image token grid: 16 px per code."""
+        return self.height // (PATCH_PX // 2), self.width // (PATCH_PX // 2)
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}"
+
+
+class LuminaPromptEncoder:
+    """tokenizer.json (the `tokenizers` library, no network) + the vocabulary's special ids."""
+
+    def __init__(self, tokenizer, vocab: LuminaVocab, max_tokens: int | None = None, size: ImageSize | None = None):
+        self.tokenizer, self.vocab, self.max_tokens = tokenizer, vocab, max_tokens
+        self.size = size  # the image size of `encode` without sizes (a model config's grid: for_config)
+
+    @property
+    def bos_id(self) -> int:
+        return self.vocab.bos
+
+    @property
+    def boi_id(self) -> int:
+        return self.vocab.begin_of_image
+
+    cfg_pad_id = None  # Lumina's unconditional row is the image prefix alone, not a padded prompt
+
+    def for_config(self, cfg) -> "LuminaPromptEncoder":
+        """This encoder with the image size of a model config's grid as the default size."""
+        size = ImageSize(cfg.grid_width * PATCH_PX // 2, cfg.grid_h * PATCH_PX // 2)
+        return LuminaPromptEncoder(self.tokenizer, self.vocab, self.max_tokens, size)
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, max_tokens: int | None = None) -> "LuminaPromptEncoder":
+        from tokenizers import Tokenizer
+
+        path = Path(folder) / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer not found: {path} (Lumina-mGPT folders carry tokenizer.json; "
+                                    "only the 7B-768 repository ships it)")
+        tok = Tokenizer.from_file(str(path))
+        vocab = LuminaVocab.from_names(tok.get_vocab(with_added_tokens=True), source=str(path))
+        return cls(tok, vocab, max_tokens)
+
+    def image_prefix(self, size: ImageSize) -> list[int]:
+        """begin-of-image, height and width size tokens: the start of the model's answer."""
+        return [self.vocab.begin_of_image, self.vocab.size_id(size.height // PATCH_PX),
+                self.vocab.size_id(size.width // PATCH_PX)]
+
+    def encode_one(self, prompt: str, size) -> list[int]:
+        """The conditional prefix: BOS + template + end-of-turn + image prefix."""
+        size = ImageSize.parse(size)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PromptError(f"empty prompt: {_show(prompt) if isinstance(prompt, str) else type(prompt).__name__}")
+        text = TEMPLATE.format(w=size.width, h=size.height, prompt=prompt) + self._end_of_turn_text
+        ids = [self.vocab.bos] + self.tokenizer.encode(text, add_special_tokens=False).ids
+        if ids[-1] != self.vocab.end_of_turn:
+            raise PromptError(f"tokenizer.json does not keep {self._end_of_turn_text} as one token "
+                              f"(prompt {_show(prompt)}): is it an added special token?")
+        ids += self.image_prefix(size)
+        if self.max_tokens is not None and len(ids) > self.max_tokens:
+            raise PromptError(f"prompt {_show(prompt)} is {len(ids)} tokens with the template; "
+                              f"this model takes at most {self.max_tokens}")
+        return ids
+
+    def encode(self, prompts: list[str], sizes=None) -> list[list[int]]:
+        """One prefix per prompt; `sizes`: one size for all (768, "768x512", (768, 512), ImageSize) or a
+        list with one per prompt; default self.size."""
+        if sizes is None:
+            if self.size is None:
+                raise PromptError("no image size given for the Lumina-mGPT prompt template")
+            sizes = self.size
+        if not isinstance(sizes, list):
+            sizes = [sizes] * len(prompts)
+        if len(sizes) != len(prompts):
+            raise PromptError(f"{len(prompts)} prompts but {len(sizes)} sizes")
+        return [self.encode_one(p, s) for p, s in zip(prompts, sizes)]
+
+    @property
+    def _end_of_turn_text(self) -> str:
+        return self.tokenizer.id_to_token(self.vocab.end_of_turn)
+

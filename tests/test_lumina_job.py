@@ -1,0 +1,79 @@
+"""Lumina-mGPT from the front door to the sink: a downloaded-folder layout (tests/lumina_fixtures.py, the
+published sharded safetensors, tokenizer.json, Meta's VQGAN files copied in) run as a job on moto S3 and
+through `lineray sample`, at the preset's non-square size (lumina-tiny: 96 x 64 px)."""
+from __future__ import annotations
+
+import io
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pipeline_helpers import jsonl_bytes, put, ray_session, read_dataset, s3, tiny_job  # noqa: F401
+
+from lineray import cli
+from lineray.kernels.sampling import SamplingConfig
+from lineray.models.generate import Condition, generate_tokens
+from lineray.models.spec import ModelSpec
+from lineray.pipelines import JobConfig, run_job
+from lumina_fixtures import N_CODES, build_tiny_lumina
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from test_vqgan import DDCONFIG, write_meta_files
+    root = tmp_path_factory.mktemp("lumina-job")
+    tiny = build_tiny_lumina(root)
+    write_meta_files(root, DDCONFIG, n_embed=N_CODES, embed_dim=8)  # Meta's files, copied beside the weights
+    for name in ("vqgan.ckpt", "vqgan.yaml"):
+        shutil.copy(root / name, tiny.lumina / name)
+    return str(tiny.lumina)
+
+
+def test_spec_reads_the_folder_at_the_presets_size(folder):
+    spec = ModelSpec(preset="lumina-tiny", checkpoint=folder)
+    cfg = spec.config()
+    assert (cfg.family, cfg.grid_h, cfg.grid_width, cfg.line_tokens, cfg.image_tokens) == ("lumina", 4, 6, 7, 28)
+    assert spec.default_sampling() == SamplingConfig(cfg_scale=4.0, temperature=1.0, top_k=2000)
+    ids = spec.prompt_encoder().encode(["a red fox"])[0]
+    assert ids[0] == cfg.bos_token_id and len(ids) < cfg.max_prefix_len
+    model = spec.build_model()
+    gen = generate_tokens(model, Condition.prompts([ids]), [3], sampling=spec.default_sampling())
+    decoder = spec.build_decoder()
+    images = decoder.decode_codes(gen.tokens.view(1, cfg.grid_h, cfg.line_tokens))
+    assert images.shape == (1, 3, 64, 96)
+
+
+def test_lumina_job_on_s3(ray_session, s3, folder):  # noqa: F811
+    rows = [{"id": "fox", "prompt": "a red fox in snow", "seed": 5},
+            {"id": "fox-again", "prompt": "a red fox in snow", "seed": 5},
+            {"id": "cat", "prompt": "blue cat sits on the mat under the big sky", "count": 2},
+            {"id": "empty", "prompt": ""},
+            {"id": "tree", "prompt": "green tree", "cfg": 3.0}]
+    source = put(s3, "prompts/lumina.jsonl", jsonl_bytes(rows))
+    model = dict(preset="lumina-tiny", checkpoint=folder)
+    job = JobConfig.from_dict(tiny_job(source, "s3://bucket/out/lumina", model=model, storage_options=s3.options,
+                                       sampling=dict(cfg_scale=4.0, top_k=2000), shard_rows=4,
+                                       cache={"policy": "linear", "rho": "1/4"}))
+    summary = run_job(job, progress=False)
+    assert (summary.images, summary.errors) == (5, 1)
+    table = read_dataset(s3.fs(), "bucket/out/lumina")
+    got = {(r["id"], r["image_index"]): r for r in table.to_pylist()}
+    assert set(got) == {("fox", 0), ("fox-again", 0), ("cat", 0), ("cat", 1), ("tree", 0)}
+    pixels = {k: np.asarray(Image.open(io.BytesIO(r["image"]["bytes"]))) for k, r in got.items()}
+    assert {p.shape for p in pixels.values()} == {(64, 96, 3)}  # the non-square size, height x width
+    assert np.array_equal(pixels[("fox", 0)], pixels[("fox-again", 0)])
+    assert not np.array_equal(pixels[("fox", 0)], pixels[("tree", 0)])
+    assert got[("tree", 0)]["cfg_scale"] == 3.0 and got[("fox", 0)]["prompt"] == "a red fox in snow"
+
+
+def test_cli_sample(folder, tmp_path, capsys):
+    code = cli.main(["sample", "--model", "lumina-tiny", "--checkpoint", folder, "--prompt", "a red fox in snow",
+                     "--cache", "linear", "--rho", "1/4", "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    png = tmp_path / "out" / "0000_a-red-fox-in-snow.png"
+    assert Image.open(png).size == (96, 64)
+    assert torch.cuda.is_available() or "wrote 1 image" in capsys.readouterr().out

@@ -1,0 +1,79 @@
+"""Lumina-mGPT under tensor parallelism: two real gloo ranks (torch.multiprocessing, no Ray) each read only
+their slices of the published layout (heads of q/k/v and the qk-norms, FFN columns, their half of the
+image-code rows of lm_head) and run the decode loop; tp=2 must give tp=1's tokens and logits, with the
+full cache and an evicting LineAR cache, in the dynamic and the static step."""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lineray.cache import CacheSpec
+from lineray.kernels.sampling import SamplingConfig
+from lineray.models.generate import Condition, generate_tokens
+from lineray.models.layers import TPGroup
+from lineray.models.lumina.folder import load_model
+from lineray.models.lumina.prompt import LuminaPromptEncoder
+from lineray.workers.parallel_state import interface_of
+from lumina_fixtures import build_tiny_lumina
+
+SAMPLING = SamplingConfig(cfg_scale=3.0, top_k=2000)
+SPECS = {"full": CacheSpec(), "linear": CacheSpec("linear", rho="1/4")}
+MODES = ("dynamic", "static")
+PROMPTS = ["a red fox in snow", "blue cat sits on the mat under the big sky", "green tree"]
+SEEDS = [11, 12, 13]
+
+
+def run_cases(folder: str, tp: TPGroup) -> dict:
+    model, _ = load_model(folder, tp=tp, grid_size=4, grid_w=6, max_prefix_len=40)  # 96x64 px
+    ids = LuminaPromptEncoder.from_folder(folder).encode(PROMPTS, "96x64")
+    out = {}
+    for name, spec in SPECS.items():
+        for mode in MODES:
+            gen = generate_tokens(model, Condition.prompts(ids), SEEDS, sampling=SAMPLING, cache_spec=spec,
+                                  step_mode=mode, return_logits=True)
+            out[name, mode] = (gen.tokens, gen.logits, gen.cache.k[0].shape)
+    return out
+
+
+def _rank(rank: int, folder: str, store: str, result: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        tp = TPGroup(rank, 2, dist.group.WORLD)
+        out = run_cases(folder, tp)
+        model, _ = load_model(folder, tp=tp, grid_size=4, grid_w=6, max_prefix_len=40)
+        out["head_rows"] = model.output.weight.shape[0]
+        out["q_norm"] = model.layers[0].attention.q_norm.weight.detach().clone()
+        if rank == 0:
+            torch.save(out, result)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return str(build_tiny_lumina(tmp_path_factory.mktemp("lumina")).lumina)
+
+
+@pytest.fixture(scope="module")
+def tp2(folder, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tp2")
+    with pytest.MonkeyPatch.context() as mpatch:
+        mpatch.setenv("GLOO_SOCKET_IFNAME", interface_of("127.0.0.1"))  # loopback only
+        mp.spawn(_rank, args=(folder, str(tmp / "store"), str(tmp / "out.pt")), nprocs=2, join=True)
+    return torch.load(tmp / "out.pt", weights_only=True)
+
+
+@pytest.mark.timeout(300)
+def test_tp2_equals_tp1(folder, tp2):
+    tp1 = run_cases(folder, TPGroup())
+    ref = tp1["full", "dynamic"][0]
+    for key in tp1:
+        tokens, logits, kv_shape = tp1[key]
+        assert torch.equal(tokens, ref) or key[0] != "full"
+        assert torch.equal(tp2[key][0], tokens), key
+        torch.testing.assert_close(tp2[key][1], logits, atol=1e-4, rtol=1e-4)
+        assert tp2[key][2][1] * 2 == kv_shape[1]  # each rank caches half the heads
+    assert torch.equal(tp1["linear", "static"][0], tp1["linear", "dynamic"][0])
+    assert tp2["head_rows"] == 8  # half of the 16 image-code rows of lm_head
+    assert tp2["q_norm"].shape == (2, 16)  # rank 0's two heads of the [1, 16] file value, repeated
