@@ -10,7 +10,7 @@ from lineray.models import shapes
 from lineray.models.bundles import bundle_module
 from lineray.models.checkpoint import load_checkpoint
 from lineray.models.generate import Condition, generate_tokens
-from lineray.models.llamagen import Transformer
+from lineray.models.transformer import Transformer
 from lineray.models.shapes.data import copy_iou, heldout_scenes
 
 SAMPLES = 50
