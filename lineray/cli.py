@@ -20,7 +20,7 @@ import lineray
 
 # argparse dest -> setting (dotted path in the job schema). One table for every command.
 FLAGS = {
-    **{k: f"model.{k}" for k in ("preset", "checkpoint", "decoder", "tokenizer", "grid_size", "dtype", "ema")},
+    **{k: f"model.{k}" for k in ("preset", "checkpoint", "decoder", "tokenizer", "grid_size", "size", "dtype", "ema")},
     **{k: f"cache.{k}" for k in ("policy", "rho", "lines", "recent_lines", "anchor_lines", "pool",
                                  "head_aggregate", "cfg_shared")},
     **{k: f"sampling.{k}" for k in ("cfg_scale", "cfg_interval", "temperature", "top_k", "top_p")},
@@ -48,6 +48,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokenizer.json (or its folder) for text prompts; default: the checkpoint folder's "
                         "(needed with --checkpoint random)")
     g.add_argument("--grid-size", type=int, help="image tokens per side (16 for 256 px, 24 for 384 px)")
+    g.add_argument("--size", metavar="WxH",
+                   help="Lumina-mGPT: image width x height in px, multiples of 32 (e.g. 768x512); default: the "
+                        "preset's size")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"],
                    help="compute dtype (default float32; auto = bfloat16 where the hardware has it)")
     g.add_argument("--ema", action="store_true", default=None, help="load the checkpoint's EMA weights")

@@ -77,3 +77,45 @@ def test_cli_sample(folder, tmp_path, capsys):
     png = tmp_path / "out" / "0000_a-red-fox-in-snow.png"
     assert Image.open(png).size == (96, 64)
     assert torch.cuda.is_available() or "wrote 1 image" in capsys.readouterr().out
+
+
+def test_cli_sample_at_a_requested_size(folder, tmp_path, capsys):
+    """--size 64x96 (width x height) instead of the preset's 96x64: 6 lines of 4 codes + end-of-line, the size
+    tokens and the template's text say 64x96, and the PNGs are the greedy images of those prefixes."""
+    from lineray.cache import CacheSpec
+    from lineray.images import to_uint8
+    from lineray.models.lumina.prompt import LuminaPromptEncoder
+    prompts = ["a red fox in snow", "blue cat sits on the mat"]
+    out = tmp_path / "out"
+    code = cli.main(["sample", "--model", "lumina-tiny", "--checkpoint", folder, "--size", "64x96", "--prompt",
+                     prompts[0], "--prompt", prompts[1], "--temperature", "0", "--cache", "linear", "--rho", "1/2",
+                     "--device", "cpu", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    pngs = sorted(out.glob("000*.png"))
+    assert [Image.open(p).size for p in pngs] == [(64, 96)] * 2  # PIL: (width, height)
+    spec = ModelSpec(preset="lumina-tiny", checkpoint=folder, size="64x96")
+    cfg = spec.config()
+    assert (cfg.grid_h, cfg.grid_width, cfg.line_tokens, cfg.image_tokens) == (6, 4, 5, 30)
+    assert cfg.cache_plan(CacheSpec("linear", rho="1/2")).budget == 3 * 5  # 3 whole lines of 4 codes + end-of-line
+    enc = spec.prompt_encoder()
+    ids = enc.encode(prompts)
+    vocab = enc.vocab
+    assert all(i[-3:] == [vocab.begin_of_image, vocab.size_id(96 // 32), vocab.size_id(64 // 32)] for i in ids)
+    assert ids == LuminaPromptEncoder.from_folder(folder).encode(prompts, "64x96")
+    gen = generate_tokens(spec.build_model(), Condition.prompts(ids), [0, 1], cache_spec=CacheSpec("linear", rho="1/2"),
+                          sampling=SamplingConfig(cfg_scale=4.0, temperature=0.0, top_k=2000))
+    images = to_uint8(spec.build_decoder().decode_codes(gen.tokens.view(2, 6, 5)))
+    for png, image in zip(pngs, images):
+        assert np.array_equal(np.asarray(Image.open(png)), image)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "lumina-tiny", "--size", "100x64"], "size: image size 100x64: width and height must be positive "
+                                                      "multiples of 32 px"),
+    (["--model", "GPT-tiny", "--vq", "random", "--size", "256x256"], "size: '256x256' is for Lumina-mGPT models"),
+])
+def test_cli_size_errors_name_the_value_and_the_rule(folder, capsys, argv, message):
+    code = cli.main(["sample", "--checkpoint", folder if "lumina-tiny" in argv else "random", "--prompt", "a fox",
+                     *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -32,6 +32,7 @@ from lineray.models.bundles import BUNDLES, bundle_module
 from lineray.models.checkpoint import load_checkpoint
 from lineray.models.config import PRESETS, GPTConfig, preset, preset_family
 from lineray.models.layers import TPGroup, checkpoint_tensors
+from lineray.models.lumina.prompt import ImageSize
 from lineray.models.transformer import Transformer
 from lineray.validation import STRICT
 
@@ -109,6 +110,8 @@ class ModelSpec:
     decoder: str | None = None  # VQ decoder: a path or "random"; None: the bundle's / the folder's
     tokenizer: str | None = None  # text prompts: tokenizer.json or its folder; None: the checkpoint folder's
     grid_size: int | None = None  # image tokens per side; None = the preset's
+    # Lumina-mGPT: the image's WIDTHxHEIGHT in px, multiples of 32 ("768x512"; 768 = square); None = the preset's
+    size: int | str | None = None
     model_type: Literal["c2i", "t2i"] | None = None  # None = the preset's
     dtype: Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"] = "float32"  # auto: bf16 where native
     ema: bool = False
@@ -123,12 +126,14 @@ class ModelSpec:
                 raise ValueError(f"{name}: bundled is no longer a value: the bundled model is chosen by name "
                                  f"(preset: {DEFAULT_BUNDLE}); give a path or 'random' here")
         if self.is_bundled:
-            if self.grid_size is not None or self.model_type is not None or self.tokenizer is not None:
+            if any(v is not None for v in (self.grid_size, self.model_type, self.tokenizer, self.size)):
                 raise ValueError(f"the bundled model {self.preset!r} has a fixed shape and no tokenizer: "
-                                 f"leave grid_size, model_type and tokenizer unset")
+                                 f"leave grid_size, size, model_type and tokenizer unset")
             return self
         if self.preset not in PRESETS and self.preset not in FOLDER_FAMILIES:
             raise ValueError(f"unknown model preset {self.preset!r}; {known_models()}")
+        if self.size is not None:
+            self._check_size()
         if self.is_folder_family:
             return self._folder_family()
         if self.tokenizer is not None:
@@ -140,6 +145,16 @@ class ModelSpec:
             raise ValueError(f"preset {self.preset} is a shape without weights: it needs {' and '.join(missing)} "
                              f"(flags: --checkpoint, --vq); for the bundled model use preset: {DEFAULT_BUNDLE}")
         return self
+
+    def _check_size(self) -> None:
+        """`size` is Lumina's (its size tokens and end-of-line lines take any WxH); stored as "WxH"."""
+        if self.family != "lumina":
+            raise ValueError(f"size: {self.size!r} is for Lumina-mGPT models (lumina-mgpt-768, ...); {self.preset} "
+                             f"makes square images of grid_size tokens a side")
+        try:
+            object.__setattr__(self, "size", str(ImageSize.parse(self.size)))  # frozen: normalised once, here
+        except ValueError as e:
+            raise ValueError(f"size: {e}") from None
 
     def _folder_family(self) -> "ModelSpec":
         if self.checkpoint is None:
@@ -189,7 +204,7 @@ class ModelSpec:
         if self.is_bundled:
             return bundle_module(self.preset).bundled_config()
         if self.is_folder_family:
-            return _folder_config(self.preset, self.checkpoint, self.tokenizer)
+            return with_size(_folder_config(self.preset, self.checkpoint, self.tokenizer), self.size)
         return preset(self.preset, grid_size=self.grid_size, model_type=self.model_type)
 
     def default_sampling(self) -> SamplingConfig:
@@ -264,6 +279,14 @@ class ModelSpec:
         else:
             vq = VQDecoder(shape).load(Path(self.decoder).expanduser())
         return vq.to_device(device)  # on CUDA: bf16, channels_last
+
+
+def with_size(cfg: GPTConfig, size: str | None) -> GPTConfig:
+    """cfg with the image grid of a WIDTHxHEIGHT size (16 px a code: H/16 lines of W/16 codes); None: as is."""
+    if size is None:
+        return cfg
+    rows, cols = ImageSize.parse(size).grid
+    return replace(cfg, grid_size=rows, grid_w=cols)
 
 
 def known_models() -> str:
