@@ -119,3 +119,29 @@ def test_cli_size_errors_name_the_value_and_the_rule(folder, capsys, argv, messa
                      *argv])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("flags, model, lines", [
+    ([], "lumina-mgpt-768", 6),  # 48 lines x 1/8: the family's LineAR budget
+    (["--rho", "1/4"], "lumina-mgpt-768", 12),  # an explicit budget wins
+    (["--cache-lines", "5"], "lumina-mgpt-768", 5),
+    ([], "GPT-B", 3),  # other families keep the headline 1/6 (16 lines)
+])
+def test_sample_default_linear_budget_is_the_familys(flags, model, lines):
+    argv = ["sample", "--model", model, "--checkpoint", "random", "--cache", "linear", *flags]
+    if model == "GPT-B":
+        argv += ["--vq", "random"]
+    spec, cache, _ = cli.sample_settings(cli.build_parser().parse_args(argv))
+    assert spec.config().cache_plan(cache).budget_lines == lines
+
+
+def test_job_default_linear_budget_is_the_familys():
+    job = JobConfig.from_dict(dict(source="p.jsonl", output="out", model=dict(preset="lumina-mgpt-768", checkpoint="random"),
+                                   cache=dict(policy="heavy_hitter")))
+    assert job.cache.rho == 1 / 8 and job.model.config().cache_plan(job.cache).budget_lines == 6
+    explicit = JobConfig.from_dict(dict(source="p.jsonl", output="out", cache=dict(policy="linear", rho="1/4"),
+                                        model=dict(preset="lumina-mgpt-768", checkpoint="random")))
+    assert explicit.cache.rho == 1 / 4
+    with pytest.raises(ValueError, match="needs a budget"):  # other families: a job names its budget, as before
+        JobConfig.from_dict(dict(source="p.jsonl", output="out", cache=dict(policy="linear"),
+                                 model=dict(preset="GPT-B", checkpoint="random", decoder="random")))

@@ -27,6 +27,7 @@ import torch
 from pydantic import model_validator
 from pydantic.dataclasses import dataclass
 
+from lineray.cache import CacheSpec
 from lineray.kernels.sampling import SamplingConfig
 from lineray.models.bundles import BUNDLES, bundle_module
 from lineray.models.checkpoint import load_checkpoint
@@ -91,6 +92,10 @@ FOLDER_FAMILIES = {"janus": "lineray.models.janus.folder", "lumina": "lineray.mo
 FAMILY_SAMPLING = {"janus": dict(cfg_scale=5.0, temperature=1.0, top_k=0, top_p=1.0),
                    # Lumina-mGPT: README (cfg 4, image top-k 2000, T 1; MODELS.md B3)
                    "lumina": dict(cfg_scale=4.0, temperature=1.0, top_k=2000, top_p=1.0)}
+# LineAR's budget when a compressing cache policy is named without one: the family's own (the LineAR paper runs
+# Lumina-mGPT at 1/8 of the K/V; issue 14), else the paper's headline 1/6 (ModelSpec.cache_with_budget).
+FAMILY_RHO = {"lumina": "1/8"}
+DEFAULT_RHO = "1/6"
 TOKENIZER_FILE = "tokenizer.json"
 FOLDER_FILES = ("config.json", TOKENIZER_FILE)
 # What a preset of each family needs besides its name (`lineray presets`).
@@ -212,6 +217,14 @@ class ModelSpec:
         if self.is_bundled:
             return bundle_module(self.preset).bundled_sampling()
         return SamplingConfig(**FAMILY_SAMPLING.get(self.family, LLAMAGEN_SAMPLING))
+
+    def cache_with_budget(self, cache: CacheSpec, fallback: str | None = DEFAULT_RHO) -> CacheSpec:
+        """`cache` with a budget when a compressing policy names none: the family's (FAMILY_RHO), else `fallback`
+        (None: left without one, and the plan names the missing budget). An explicit rho or lines always wins."""
+        rho = FAMILY_RHO.get(self.family, fallback)
+        if cache.policy == "full" or cache.rho is not None or cache.lines is not None or rho is None:
+            return cache
+        return replace(cache, rho=rho)
 
     def checkpoint_path(self) -> Path | None:
         """The GPT weights file (or model folder); None for random weights."""
