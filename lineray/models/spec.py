@@ -6,6 +6,7 @@
     ModelSpec(preset="GPT-B", checkpoint="random", decoder="random")   random weights (tests, benchmarks)
     ModelSpec(preset="janus-pro-1b", checkpoint="/models/Janus-Pro-1B")  a downloaded model folder
     ModelSpec(preset="janus-pro-1b", checkpoint="random", tokenizer="tokenizer.json")
+    ModelSpec(preset="lumina-mgpt-768", checkpoint="/models/Lumina-mGPT-7B-768", size="768x512")  width x height
 
 A LlamaGen preset is only a shape: it has no weights of its own, so it needs `checkpoint` (a path
 or "random") and `decoder` (a path or "random"); leaving either out is an error, never a silent
@@ -104,7 +105,8 @@ FAMILY_NEEDS = {
     "janus": "--checkpoint FOLDER (the downloaded model folder: config.json, tokenizer.json, the weights with the "
              "VQ-16 decoder), or --checkpoint random --tokenizer PATH",
     "lumina": "--checkpoint FOLDER (the downloaded model folder: config.json, tokenizer.json, the weights; Meta's "
-              "vqgan.ckpt + vqgan.yaml copied into it); the preset names the image size",
+              "vqgan.ckpt + vqgan.yaml copied into it); the preset names the image size, --size WxH "
+              "another (multiples of 32 px, e.g. 768x512)",
 }
 
 
