@@ -145,3 +145,18 @@ def test_job_default_linear_budget_is_the_familys():
     with pytest.raises(ValueError, match="needs a budget"):  # other families: a job names its budget, as before
         JobConfig.from_dict(dict(source="p.jsonl", output="out", cache=dict(policy="linear"),
                                  model=dict(preset="GPT-B", checkpoint="random", decoder="random")))
+
+
+def test_lumina_job_at_a_requested_size(ray_session, s3, folder):  # noqa: F811
+    """model.size in a job: the pipeline's generate and decode stages use the requested grid (64x96: 6 lines
+    of 4 codes), not the preset's, and the 1/8 default budget applies to `policy: linear` alone."""
+    source = put(s3, "prompts/lumina-sized.jsonl", jsonl_bytes([{"id": "fox", "prompt": "a red fox in snow"},
+                                                                 {"id": "cat", "prompt": "blue cat", "count": 2}]))
+    model = dict(preset="lumina-tiny", checkpoint=folder, size="64x96")
+    job = JobConfig.from_dict(tiny_job(source, "s3://bucket/out/lumina-sized", model=model, storage_options=s3.options,
+                                       cache={"policy": "linear"}))
+    assert job.cache.rho == 1 / 8
+    assert run_job(job, progress=False).images == 3
+    table = read_dataset(s3.fs(), "bucket/out/lumina-sized")
+    shapes = {np.asarray(Image.open(io.BytesIO(r["image"]["bytes"]))).shape for r in table.to_pylist()}
+    assert shapes == {(96, 64, 3)}  # height x width
