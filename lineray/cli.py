@@ -20,7 +20,7 @@ import lineray
 
 # argparse dest -> setting (dotted path in the job schema). One table for every command.
 FLAGS = {
-    **{k: f"model.{k}" for k in ("preset", "checkpoint", "decoder", "tokenizer", "grid_size", "dtype", "ema")},
+    **{k: f"model.{k}" for k in ("preset", "checkpoint", "decoder", "tokenizer", "grid_size", "size", "dtype", "ema")},
     **{k: f"cache.{k}" for k in ("policy", "rho", "lines", "recent_lines", "anchor_lines", "pool",
                                  "head_aggregate", "cfg_shared")},
     **{k: f"sampling.{k}" for k in ("cfg_scale", "cfg_interval", "temperature", "top_k", "top_p")},
@@ -48,6 +48,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokenizer.json (or its folder) for text prompts; default: the checkpoint folder's "
                         "(needed with --checkpoint random)")
     g.add_argument("--grid-size", type=int, help="image tokens per side (16 for 256 px, 24 for 384 px)")
+    g.add_argument("--size", metavar="WxH",
+                   help="Lumina-mGPT: image width x height in px, multiples of 32 (e.g. 768x512); default: the "
+                        "preset's size")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"],
                    help="compute dtype (default float32; auto = bfloat16 where the hardware has it)")
     g.add_argument("--ema", action="store_true", default=None, help="load the checkpoint's EMA weights")
@@ -57,8 +60,9 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("KV cache")
     g.add_argument("--cache", dest="policy", choices=["full", "linear", "window", "heavy_hitter"],
                    help="cache policy (default full)")
-    g.add_argument("--rho", help="cache budget as a fraction of the image tokens, e.g. 1/6 (default 1/6 when "
-                   "a compressing policy is given without a budget)")
+    g.add_argument("--rho", help="cache budget as a fraction of the image tokens, e.g. 1/6 (default when a "
+                   "compressing policy is given without a budget: 1/8 for Lumina-mGPT; for other models 1/6 in "
+                   "`sample`, required in jobs)")
     g.add_argument("--cache-lines", dest="lines", type=int, help="cache budget in grid lines")
     g.add_argument("--recent-lines", type=int, help="newest lines always kept (R)")
     g.add_argument("--anchor-lines", type=int, help="first visual lines kept forever")
@@ -178,16 +182,15 @@ def sample_settings(args):
                              f"{', '.join(SAMPLE_SECTIONS)}")
     overrides = {k: v for k, v in overrides_from_args(args).items() if k.split(".")[0] in SAMPLE_SECTIONS}
     data = apply_overrides(data, overrides)
-    cache = data.get("cache") or {}
-    if cache.get("policy", "full") != "full" and cache.get("rho") is None and cache.get("lines") is None:
-        data["cache"] = cache | {"rho": "1/6"}  # `--cache linear` alone: LineAR's headline budget
     # No sampling section: the model's own defaults (a bundle's tuned settings, Janus-Pro's CFG 5), as api.sample
     data = with_default_sampling({**data, "sampling": data.get("sampling") or {}})
     from lineray.cache import CacheSpec
     from lineray.kernels.sampling import SamplingConfig
     from lineray.models.spec import ModelSpec
-    return tuple(from_data(cls, data.get(name), JobConfigError, name)
-                 for cls, name in ((ModelSpec, "model"), (CacheSpec, "cache"), (SamplingConfig, "sampling")))
+    model, cache, sampling = (from_data(cls, data.get(name), JobConfigError, name)
+                              for cls, name in ((ModelSpec, "model"), (CacheSpec, "cache"), (SamplingConfig, "sampling")))
+    # `--cache linear` alone: the family's LineAR budget (Lumina-mGPT 1/8), else the headline 1/6
+    return model, model.cache_with_budget(cache), sampling
 
 
 def merge_yaml(paths: list[str] | None) -> dict:

@@ -77,3 +77,86 @@ def test_cli_sample(folder, tmp_path, capsys):
     png = tmp_path / "out" / "0000_a-red-fox-in-snow.png"
     assert Image.open(png).size == (96, 64)
     assert torch.cuda.is_available() or "wrote 1 image" in capsys.readouterr().out
+
+
+def test_cli_sample_at_a_requested_size(folder, tmp_path, capsys):
+    """--size 64x96 (width x height) instead of the preset's 96x64: 6 lines of 4 codes + end-of-line, the size
+    tokens and the template's text say 64x96, and the PNGs are the greedy images of those prefixes."""
+    from lineray.cache import CacheSpec
+    from lineray.images import to_uint8
+    from lineray.models.lumina.prompt import LuminaPromptEncoder
+    prompts = ["a red fox in snow", "blue cat sits on the mat"]
+    out = tmp_path / "out"
+    code = cli.main(["sample", "--model", "lumina-tiny", "--checkpoint", folder, "--size", "64x96", "--prompt",
+                     prompts[0], "--prompt", prompts[1], "--temperature", "0", "--cache", "linear", "--rho", "1/2",
+                     "--device", "cpu", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    pngs = sorted(out.glob("000*.png"))
+    assert [Image.open(p).size for p in pngs] == [(64, 96)] * 2  # PIL: (width, height)
+    spec = ModelSpec(preset="lumina-tiny", checkpoint=folder, size="64x96")
+    cfg = spec.config()
+    assert (cfg.grid_h, cfg.grid_width, cfg.line_tokens, cfg.image_tokens) == (6, 4, 5, 30)
+    assert cfg.cache_plan(CacheSpec("linear", rho="1/2")).budget == 3 * 5  # 3 whole lines of 4 codes + end-of-line
+    enc = spec.prompt_encoder()
+    ids = enc.encode(prompts)
+    vocab = enc.vocab
+    assert all(i[-3:] == [vocab.begin_of_image, vocab.size_id(96 // 32), vocab.size_id(64 // 32)] for i in ids)
+    assert ids == LuminaPromptEncoder.from_folder(folder).encode(prompts, "64x96")
+    gen = generate_tokens(spec.build_model(), Condition.prompts(ids), [0, 1], cache_spec=CacheSpec("linear", rho="1/2"),
+                          sampling=SamplingConfig(cfg_scale=4.0, temperature=0.0, top_k=2000))
+    images = to_uint8(spec.build_decoder().decode_codes(gen.tokens.view(2, 6, 5)))
+    for png, image in zip(pngs, images):
+        assert np.array_equal(np.asarray(Image.open(png)), image)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "lumina-tiny", "--size", "100x64"], "size: image size 100x64: width and height must be positive "
+                                                      "multiples of 32 px"),
+    (["--model", "GPT-tiny", "--vq", "random", "--size", "256x256"], "size: '256x256' is for Lumina-mGPT models"),
+])
+def test_cli_size_errors_name_the_value_and_the_rule(folder, capsys, argv, message):
+    code = cli.main(["sample", "--checkpoint", folder if "lumina-tiny" in argv else "random", "--prompt", "a fox",
+                     *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("flags, model, lines", [
+    ([], "lumina-mgpt-768", 6),  # 48 lines x 1/8: the family's LineAR budget
+    (["--rho", "1/4"], "lumina-mgpt-768", 12),  # an explicit budget wins
+    (["--cache-lines", "5"], "lumina-mgpt-768", 5),
+    ([], "GPT-B", 3),  # other families keep the headline 1/6 (16 lines)
+])
+def test_sample_default_linear_budget_is_the_familys(flags, model, lines):
+    argv = ["sample", "--model", model, "--checkpoint", "random", "--cache", "linear", *flags]
+    if model == "GPT-B":
+        argv += ["--vq", "random"]
+    spec, cache, _ = cli.sample_settings(cli.build_parser().parse_args(argv))
+    assert spec.config().cache_plan(cache).budget_lines == lines
+
+
+def test_job_default_linear_budget_is_the_familys():
+    job = JobConfig.from_dict(dict(source="p.jsonl", output="out", model=dict(preset="lumina-mgpt-768", checkpoint="random"),
+                                   cache=dict(policy="heavy_hitter")))
+    assert job.cache.rho == 1 / 8 and job.model.config().cache_plan(job.cache).budget_lines == 6
+    explicit = JobConfig.from_dict(dict(source="p.jsonl", output="out", cache=dict(policy="linear", rho="1/4"),
+                                        model=dict(preset="lumina-mgpt-768", checkpoint="random")))
+    assert explicit.cache.rho == 1 / 4
+    with pytest.raises(ValueError, match="needs a budget"):  # other families: a job names its budget, as before
+        JobConfig.from_dict(dict(source="p.jsonl", output="out", cache=dict(policy="linear"),
+                                 model=dict(preset="GPT-B", checkpoint="random", decoder="random")))
+
+
+def test_lumina_job_at_a_requested_size(ray_session, s3, folder):  # noqa: F811
+    """model.size in a job: the pipeline's generate and decode stages use the requested grid (64x96: 6 lines
+    of 4 codes), not the preset's, and the 1/8 default budget applies to `policy: linear` alone."""
+    source = put(s3, "prompts/lumina-sized.jsonl", jsonl_bytes([{"id": "fox", "prompt": "a red fox in snow"},
+                                                                 {"id": "cat", "prompt": "blue cat", "count": 2}]))
+    model = dict(preset="lumina-tiny", checkpoint=folder, size="64x96")
+    job = JobConfig.from_dict(tiny_job(source, "s3://bucket/out/lumina-sized", model=model, storage_options=s3.options,
+                                       cache={"policy": "linear"}))
+    assert job.cache.rho == 1 / 8
+    assert run_job(job, progress=False).images == 3
+    table = read_dataset(s3.fs(), "bucket/out/lumina-sized")
+    shapes = {np.asarray(Image.open(io.BytesIO(r["image"]["bytes"]))).shape for r in table.to_pylist()}
+    assert shapes == {(96, 64, 3)}  # height x width

@@ -6,6 +6,7 @@
     ModelSpec(preset="GPT-B", checkpoint="random", decoder="random")   random weights (tests, benchmarks)
     ModelSpec(preset="janus-pro-1b", checkpoint="/models/Janus-Pro-1B")  a downloaded model folder
     ModelSpec(preset="janus-pro-1b", checkpoint="random", tokenizer="tokenizer.json")
+    ModelSpec(preset="lumina-mgpt-768", checkpoint="/models/Lumina-mGPT-7B-768", size="768x512")  width x height
 
 A LlamaGen preset is only a shape: it has no weights of its own, so it needs `checkpoint` (a path
 or "random") and `decoder` (a path or "random"); leaving either out is an error, never a silent
@@ -27,11 +28,13 @@ import torch
 from pydantic import model_validator
 from pydantic.dataclasses import dataclass
 
+from lineray.cache import CacheSpec
 from lineray.kernels.sampling import SamplingConfig
 from lineray.models.bundles import BUNDLES, bundle_module
 from lineray.models.checkpoint import load_checkpoint
 from lineray.models.config import PRESETS, GPTConfig, preset, preset_family
 from lineray.models.layers import TPGroup, checkpoint_tensors
+from lineray.models.lumina.prompt import ImageSize
 from lineray.models.transformer import Transformer
 from lineray.validation import STRICT
 
@@ -90,6 +93,10 @@ FOLDER_FAMILIES = {"janus": "lineray.models.janus.folder", "lumina": "lineray.mo
 FAMILY_SAMPLING = {"janus": dict(cfg_scale=5.0, temperature=1.0, top_k=0, top_p=1.0),
                    # Lumina-mGPT: README (cfg 4, image top-k 2000, T 1; MODELS.md B3)
                    "lumina": dict(cfg_scale=4.0, temperature=1.0, top_k=2000, top_p=1.0)}
+# LineAR's budget when a compressing cache policy is named without one: the family's own (the LineAR paper runs
+# Lumina-mGPT at 1/8 of the K/V; issue 14), else the paper's headline 1/6 (ModelSpec.cache_with_budget).
+FAMILY_RHO = {"lumina": "1/8"}
+DEFAULT_RHO = "1/6"
 TOKENIZER_FILE = "tokenizer.json"
 FOLDER_FILES = ("config.json", TOKENIZER_FILE)
 # What a preset of each family needs besides its name (`lineray presets`).
@@ -98,7 +105,8 @@ FAMILY_NEEDS = {
     "janus": "--checkpoint FOLDER (the downloaded model folder: config.json, tokenizer.json, the weights with the "
              "VQ-16 decoder), or --checkpoint random --tokenizer PATH",
     "lumina": "--checkpoint FOLDER (the downloaded model folder: config.json, tokenizer.json, the weights; Meta's "
-              "vqgan.ckpt + vqgan.yaml copied into it); the preset names the image size",
+              "vqgan.ckpt + vqgan.yaml copied into it); the preset names the image size, --size WxH "
+              "another (multiples of 32 px, e.g. 768x512)",
 }
 
 
@@ -109,6 +117,8 @@ class ModelSpec:
     decoder: str | None = None  # VQ decoder: a path or "random"; None: the bundle's / the folder's
     tokenizer: str | None = None  # text prompts: tokenizer.json or its folder; None: the checkpoint folder's
     grid_size: int | None = None  # image tokens per side; None = the preset's
+    # Lumina-mGPT: the image's WIDTHxHEIGHT in px, multiples of 32 ("768x512"; 768 = square); None = the preset's
+    size: int | str | None = None
     model_type: Literal["c2i", "t2i"] | None = None  # None = the preset's
     dtype: Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"] = "float32"  # auto: bf16 where native
     ema: bool = False
@@ -123,12 +133,14 @@ class ModelSpec:
                 raise ValueError(f"{name}: bundled is no longer a value: the bundled model is chosen by name "
                                  f"(preset: {DEFAULT_BUNDLE}); give a path or 'random' here")
         if self.is_bundled:
-            if self.grid_size is not None or self.model_type is not None or self.tokenizer is not None:
+            if any(v is not None for v in (self.grid_size, self.model_type, self.tokenizer, self.size)):
                 raise ValueError(f"the bundled model {self.preset!r} has a fixed shape and no tokenizer: "
-                                 f"leave grid_size, model_type and tokenizer unset")
+                                 f"leave grid_size, size, model_type and tokenizer unset")
             return self
         if self.preset not in PRESETS and self.preset not in FOLDER_FAMILIES:
             raise ValueError(f"unknown model preset {self.preset!r}; {known_models()}")
+        if self.size is not None:
+            self._check_size()
         if self.is_folder_family:
             return self._folder_family()
         if self.tokenizer is not None:
@@ -140,6 +152,16 @@ class ModelSpec:
             raise ValueError(f"preset {self.preset} is a shape without weights: it needs {' and '.join(missing)} "
                              f"(flags: --checkpoint, --vq); for the bundled model use preset: {DEFAULT_BUNDLE}")
         return self
+
+    def _check_size(self) -> None:
+        """`size` is Lumina's (its size tokens and end-of-line lines take any WxH); stored as "WxH"."""
+        if self.family != "lumina":
+            raise ValueError(f"size: {self.size!r} is for Lumina-mGPT models (lumina-mgpt-768, ...); {self.preset} "
+                             f"makes square images of grid_size tokens a side")
+        try:
+            object.__setattr__(self, "size", str(ImageSize.parse(self.size)))  # frozen: normalised once, here
+        except ValueError as e:
+            raise ValueError(f"size: {e}") from None
 
     def _folder_family(self) -> "ModelSpec":
         if self.checkpoint is None:
@@ -189,7 +211,7 @@ class ModelSpec:
         if self.is_bundled:
             return bundle_module(self.preset).bundled_config()
         if self.is_folder_family:
-            return _folder_config(self.preset, self.checkpoint, self.tokenizer)
+            return with_size(_folder_config(self.preset, self.checkpoint, self.tokenizer), self.size)
         return preset(self.preset, grid_size=self.grid_size, model_type=self.model_type)
 
     def default_sampling(self) -> SamplingConfig:
@@ -197,6 +219,14 @@ class ModelSpec:
         if self.is_bundled:
             return bundle_module(self.preset).bundled_sampling()
         return SamplingConfig(**FAMILY_SAMPLING.get(self.family, LLAMAGEN_SAMPLING))
+
+    def cache_with_budget(self, cache: CacheSpec, fallback: str | None = DEFAULT_RHO) -> CacheSpec:
+        """`cache` with a budget when a compressing policy names none: the family's (FAMILY_RHO), else `fallback`
+        (None: left without one, and the plan names the missing budget). An explicit rho or lines always wins."""
+        rho = FAMILY_RHO.get(self.family, fallback)
+        if cache.policy == "full" or cache.rho is not None or cache.lines is not None or rho is None:
+            return cache
+        return replace(cache, rho=rho)
 
     def checkpoint_path(self) -> Path | None:
         """The GPT weights file (or model folder); None for random weights."""
@@ -264,6 +294,14 @@ class ModelSpec:
         else:
             vq = VQDecoder(shape).load(Path(self.decoder).expanduser())
         return vq.to_device(device)  # on CUDA: bf16, channels_last
+
+
+def with_size(cfg: GPTConfig, size: str | None) -> GPTConfig:
+    """cfg with the image grid of a WIDTHxHEIGHT size (16 px a code: H/16 lines of W/16 codes); None: as is."""
+    if size is None:
+        return cfg
+    rows, cols = ImageSize.parse(size).grid
+    return replace(cfg, grid_size=rows, grid_w=cols)
 
 
 def known_models() -> str:

@@ -126,6 +126,8 @@ class JobConfig:
         """What only the whole job can check: the model's defaults, its grid and heads (no Ray, no weights)."""
         if self.sampling is None:
             object.__setattr__(self, "sampling", self.model.default_sampling())  # frozen: set once, here
+        # a compressing policy without a budget: the family's own (Lumina-mGPT 1/8); others must name one
+        object.__setattr__(self, "cache", self.model.cache_with_budget(self.cache, fallback=None))
         cfg = self.model.config()
         try:
             cfg.check_tp(self.tp, self.model.preset)
