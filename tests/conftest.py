@@ -1,4 +1,6 @@
 import os
+import shutil
+import tempfile
 import time
 
 import pytest
@@ -8,6 +10,18 @@ from lineray.models.config import preset
 from lineray.models.transformer import Transformer
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+# Every Ray this test run starts keeps its files under one private root, removed at the end. Without it,
+# ray.cluster_utils.Cluster writes /tmp/ray/ray_current_cluster and fails on a clean machine where /tmp/ray
+# does not exist yet (it never creates the folder), and it would share that file with other Rays here.
+# Short path: Ray's socket paths must stay under the 107-byte AF_UNIX limit.
+_RAY_TMP_ROOT = tempfile.mkdtemp(prefix="lrt-", dir="/tmp")
+os.environ["RAY_TMPDIR"] = _RAY_TMP_ROOT
+os.makedirs(os.path.join(_RAY_TMP_ROOT, "ray"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_RAY_TMP_ROOT, ignore_errors=True)
 torch.set_num_threads(1)  # 2 cores shared with Ray workers and subprocesses: oversubscription is far slower
 
 
