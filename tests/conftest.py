@@ -1,4 +1,10 @@
 import os
+
+# Ray connects implicitly when a Ray API is called with no Ray running. After a test module shuts its Ray
+# down, a Ray Data thread still draining a finished (or failed) job would start a fresh default Ray that
+# way, and the next module's ensure_ray would then fail with "ray.init twice". Tests start Ray explicitly.
+os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"  # read when ray is first imported: before anything imports it
+
 import shutil
 import tempfile
 import time
