@@ -25,13 +25,18 @@ SEEDS = [11, 12, 13]
 
 def run_cases(folder: str, tp: TPGroup) -> dict:
     model, _ = load_model(folder, tp=tp, grid_size=4, grid_w=6, max_prefix_len=40)  # 96x64 px
-    ids = LuminaPromptEncoder.from_folder(folder).encode(PROMPTS, "96x64")
+    enc = LuminaPromptEncoder.from_folder(folder)
+    ids = enc.encode(PROMPTS, "96x64")
     out = {}
     for name, spec in SPECS.items():
         for mode in MODES:
             gen = generate_tokens(model, Condition.prompts(ids), SEEDS, sampling=SAMPLING, cache_spec=spec,
                                   step_mode=mode, return_logits=True)
             out[name, mode] = (gen.tokens, gen.logits, gen.cache.k[0].shape)
+    # a second grid from the same loaded shard (Transformer.for_grid): 64x96 px, 6 lines of 4 codes
+    gen = generate_tokens(model.for_grid(6, 4), Condition.prompts(enc.encode(PROMPTS, "64x96")), SEEDS,
+                          sampling=SAMPLING, cache_spec=SPECS["linear"], return_logits=True)
+    out["linear", "64x96"] = (gen.tokens, gen.logits, gen.cache.k[0].shape)
     return out
 
 
@@ -75,5 +80,6 @@ def test_tp2_equals_tp1(folder, tp2):
         torch.testing.assert_close(tp2[key][1], logits, atol=1e-4, rtol=1e-4)
         assert tp2[key][2][1] * 2 == kv_shape[1]  # each rank caches half the heads
     assert torch.equal(tp1["linear", "static"][0], tp1["linear", "dynamic"][0])
-    assert tp2["head_rows"] == 8  # half of the 16 image-code rows of lm_head
+    assert tp1["linear", "64x96"][0].shape == (3, 6 * 5)
+    assert tp2["head_rows"] == 8 + 6  # half of the 16 image-code rows of lm_head + the 6 size-token rows whole
     assert tp2["q_norm"].shape == (2, 16)  # rank 0's two heads of the [1, 16] file value, repeated

@@ -19,6 +19,7 @@ from pathlib import Path
 from lineray.models.lumina.vocab import PATCH_PX, LuminaVocab
 
 TEMPLATE = "Generate an image of {w}x{h} according to the following prompt:\n{prompt}"
+SAMPLE = "sample"  # a size the model draws: the prefix ends at begin-of-image (lumina.model.sample_grids)
 
 
 class PromptError(ValueError):
@@ -102,8 +103,10 @@ class LuminaPromptEncoder:
                 self.vocab.size_id(size.width // PATCH_PX)]
 
     def encode_one(self, prompt: str, size) -> list[int]:
-        """The conditional prefix: BOS + template + end-of-turn + image prefix."""
-        size = ImageSize.parse(size)
+        """The conditional prefix: BOS + template + end-of-turn + image prefix. With size "sample" the prefix
+        ends at begin-of-image (the model draws the size tokens) and the template names the default size."""
+        sample = size == SAMPLE
+        size = self._default_size() if sample else ImageSize.parse(size)
         if not isinstance(prompt, str) or not prompt.strip():
             raise PromptError(f"empty prompt: {_show(prompt) if isinstance(prompt, str) else type(prompt).__name__}")
         text = TEMPLATE.format(w=size.width, h=size.height, prompt=prompt) + self._end_of_turn_text
@@ -111,19 +114,22 @@ class LuminaPromptEncoder:
         if ids[-1] != self.vocab.end_of_turn:
             raise PromptError(f"tokenizer.json does not keep {self._end_of_turn_text} as one token "
                               f"(prompt {_show(prompt)}): is it an added special token?")
-        ids += self.image_prefix(size)
-        if self.max_tokens is not None and len(ids) > self.max_tokens:
-            raise PromptError(f"prompt {_show(prompt)} is {len(ids)} tokens with the template; "
+        ids += self.image_prefix(size)[:1] if sample else self.image_prefix(size)
+        if self.max_tokens is not None and len(ids) + 2 * sample > self.max_tokens:
+            raise PromptError(f"prompt {_show(prompt)} is {len(ids) + 2 * sample} tokens with the template; "
                               f"this model takes at most {self.max_tokens}")
         return ids
 
+    def _default_size(self) -> ImageSize:
+        if self.size is None:
+            raise PromptError("no image size given for the Lumina-mGPT prompt template")
+        return self.size
+
     def encode(self, prompts: list[str], sizes=None) -> list[list[int]]:
-        """One prefix per prompt; `sizes`: one size for all (768, "768x512", (768, 512), ImageSize) or a
+        """One prefix per prompt; `sizes`: one size for all (768, "768x512", (768, 512), ImageSize, "sample") or a
         list with one per prompt; default self.size."""
         if sizes is None:
-            if self.size is None:
-                raise PromptError("no image size given for the Lumina-mGPT prompt template")
-            sizes = self.size
+            sizes = self._default_size()
         if not isinstance(sizes, list):
             sizes = [sizes] * len(prompts)
         if len(sizes) != len(prompts):
