@@ -66,9 +66,11 @@ class ImageSize:
 class LuminaPromptEncoder:
     """tokenizer.json (the `tokenizers` library, no network) + the vocabulary's special ids."""
 
-    def __init__(self, tokenizer, vocab: LuminaVocab, max_tokens: int | None = None, size: ImageSize | None = None):
+    def __init__(self, tokenizer, vocab: LuminaVocab, max_tokens: int | None = None, size: ImageSize | None = None,
+                 target_size: int = 0):
         self.tokenizer, self.vocab, self.max_tokens = tokenizer, vocab, max_tokens
         self.size = size  # the image size of `encode` without sizes (a model config's grid: for_config)
+        self.target_size = target_size  # sizes are checked against it (lumina.sizes.size_problem); 0: not checked
 
     @property
     def bos_id(self) -> int:
@@ -83,7 +85,27 @@ class LuminaPromptEncoder:
     def for_config(self, cfg) -> "LuminaPromptEncoder":
         """This encoder with the image size of a model config's grid as the default size."""
         size = ImageSize(cfg.grid_width * PATCH_PX // 2, cfg.grid_h * PATCH_PX // 2)
-        return LuminaPromptEncoder(self.tokenizer, self.vocab, self.max_tokens, size)
+        return LuminaPromptEncoder(self.tokenizer, self.vocab, self.max_tokens, size, cfg.target_size)
+
+    def check_size(self, value) -> str:
+        """A size a prompt may ask for, normalised ("768x512" or "sample"); PromptError says why not (the
+        format, a multiple of 32 px, larger than the model makes, no size token in the vocabulary)."""
+        if isinstance(value, str) and value.strip().lower() == SAMPLE:
+            return SAMPLE
+        size = ImageSize.parse(value)
+        from lineray.models.lumina.sizes import size_problem
+        problem = size_problem(size, self.target_size) if self.target_size else None
+        if problem is not None:
+            raise PromptError(problem)
+        for px in (size.height, size.width):
+            if px // PATCH_PX not in self.vocab.size_ids:
+                raise PromptError(f"image size {size}: the vocabulary has no size token for {px} px")
+        return str(size)
+
+    @staticmethod
+    def grid(size: str) -> tuple[int, int]:
+        """(rows, codes per row) of a checked size."""
+        return ImageSize.parse(size).grid
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, max_tokens: int | None = None) -> "LuminaPromptEncoder":
