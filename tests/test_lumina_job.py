@@ -217,3 +217,25 @@ def test_lumina_job_with_a_size_per_row(ray_session, s3, folder):  # noqa: F811
         diff = np.abs(png.astype(int) - want)
         assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (pid, k, diff.max(), (diff > 0).sum())
     assert not np.array_equal(*(np.asarray(Image.open(io.BytesIO(got["tall", k]["image"]["bytes"]))) for k in (0, 1)))
+
+
+def test_cli_sample_draws_the_size(folder, tmp_path, capsys):
+    """--size sample: the model draws each image's size (a crop size of its 96 px target); the PNGs have the sizes
+    the replica draws for those seeds, and the contact sheet holds images of different sizes."""
+    from lineray.kernels.sampling import SamplingConfig as Sampling
+    from lineray.models.lumina.sizes import crop_sizes
+    from lineray.workers.replica import LocalReplica, ReplicaConfig
+    prompts = ["a red fox in snow", "blue cat sits on the mat", "green tree", "small cat"]
+    out = tmp_path / "out"
+    argv = ["sample", "--model", "lumina-tiny", "--checkpoint", folder, "--size", "sample", "--device", "cpu",
+            "--seed", "3", "--out", str(out)]
+    for p in prompts:
+        argv += ["--prompt", p]
+    code = cli.main(argv)
+    assert code == 0, capsys.readouterr().err
+    sizes = [Image.open(p).size for p in sorted(out.glob("000*.png"))]  # (width, height)
+    assert set(sizes) <= {(s.width, s.height) for s in crop_sizes(96)} and len(set(sizes)) >= 2, sizes
+    spec = ModelSpec(preset="lumina-tiny", checkpoint=folder, size="sample")
+    replica = LocalReplica(ReplicaConfig(model=spec, sampling=Sampling(cfg_scale=4.0, top_k=2000)))
+    grids = replica.sample_grids(Condition.prompts(spec.prompt_encoder().encode(prompts, "sample")), [3, 4, 5, 6])
+    assert sizes == [(cols * 16, rows * 16) for rows, cols in grids]
