@@ -36,6 +36,7 @@ from lineray.models.config import PRESETS, GPTConfig, preset, preset_family
 from lineray.models.layers import TPGroup, checkpoint_tensors
 from lineray.models.lumina.prompt import SAMPLE, ImageSize
 from lineray.models.lumina.sizes import size_problem
+from lineray.models.tokenizer_file import TOKENIZER_FILE
 from lineray.models.transformer import Transformer
 from lineray.validation import STRICT
 
@@ -98,7 +99,6 @@ FAMILY_SAMPLING = {"janus": dict(cfg_scale=5.0, temperature=1.0, top_k=0, top_p=
 # Lumina-mGPT at 1/8 of the K/V; issue 14), else the paper's headline 1/6 (ModelSpec.cache_with_budget).
 FAMILY_RHO = {"lumina": "1/8"}
 DEFAULT_RHO = "1/6"
-TOKENIZER_FILE = "tokenizer.json"
 FOLDER_FILES = ("config.json", TOKENIZER_FILE)
 # What a preset of each family needs besides its name (`lineray presets`).
 FAMILY_NEEDS = {

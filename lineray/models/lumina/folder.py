@@ -26,6 +26,7 @@ from lineray.models.config import GPTConfig, round_up
 from lineray.models.checkpoint import CheckpointReader, KeyMap, KeyMappedReader, Source
 from lineray.models.layers import TPGroup
 from lineray.models.lumina.vocab import LuminaVocab
+from lineray.models.tokenizer_file import TokenizerFileError, read_tokenizer
 
 ARCHITECTURES = ("ChameleonXLLMXForConditionalGeneration", "ChameleonForConditionalGeneration")
 SKIPPED_PREFIXES = ("model.vqmodel.",)  # the VQ encoder transformers keeps; never used for generation
@@ -79,8 +80,10 @@ def read_vocab(folder: str | os.PathLike, hf_config: dict | None = None) -> Lumi
         tok = folder / "tokenizer.json"
         if not tok.is_file():
             raise LuminaFolderError(f"{folder}: config.json has no vocabulary_map and there is no tokenizer.json")
-        from tokenizers import Tokenizer
-        names, source = Tokenizer.from_file(str(tok)).get_vocab(with_added_tokens=True), str(tok)
+        try:
+            names, source = read_tokenizer(tok).get_vocab(with_added_tokens=True), str(tok)
+        except TokenizerFileError as e:
+            raise LuminaFolderError(str(e)) from None
     return LuminaVocab.from_names(names, cfg["vocab_size"], source=source)
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lineray.models.lumina.vocab import PATCH_PX, LuminaVocab
+from lineray.models.tokenizer_file import TOKENIZER_FILE, read_tokenizer
 
 TEMPLATE = "Generate an image of {w}x{h} according to the following prompt:\n{prompt}"
 SAMPLE = "sample"  # a size the model draws: the prefix ends at begin-of-image (lumina.model.sample_grids)
@@ -109,13 +110,11 @@ class LuminaPromptEncoder:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, max_tokens: int | None = None) -> "LuminaPromptEncoder":
-        from tokenizers import Tokenizer
-
-        path = Path(folder) / "tokenizer.json"
+        path = Path(folder) / TOKENIZER_FILE
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer not found: {path} (Lumina-mGPT folders carry tokenizer.json; "
                                     "only the 7B-768 repository ships it)")
-        tok = Tokenizer.from_file(str(path))
+        tok = read_tokenizer(path)  # one parsed copy per process (the vocabulary reads the same file)
         vocab = LuminaVocab.from_names(tok.get_vocab(with_added_tokens=True), source=str(path))
         return cls(tok, vocab, max_tokens)
 
