@@ -64,7 +64,7 @@ class GenerateStage(_Reported):
         n = len(batch["seed"])
         self._begin(n)
         scales = np.asarray(batch["cfg_scale"], dtype=np.float64)
-        grids = np.stack([np.asarray(batch["grid_h"]), np.asarray(batch["grid_w"])], axis=1).astype(np.int64)
+        grids = batch_grids(batch, self.own_grid)
         images: list = [None] * n
         # One call per image grid and guidance scale in the batch (usually one of each): a call runs one grid.
         for key in np.unique(np.column_stack([grids, scales]), axis=0):
@@ -120,7 +120,8 @@ class DecodeStage(_Reported):
     def __init__(self, model: ModelSpec, device: str = "cpu", monitor=None):
         self.decoder = model.build_decoder(device=device)
         # By line as generated: a family with end-of-line tokens (Lumina) has them last; its decoder drops them.
-        self.line_extra = model.config().line_extra
+        cfg = model.config()
+        self.line_extra, self.own_grid = cfg.line_extra, (cfg.grid_h, cfg.grid_width)
         self.device = device
         self.monitor = monitor
         stage_report(monitor, self.stage)
@@ -128,7 +129,7 @@ class DecodeStage(_Reported):
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tokens = np.asarray(batch["tokens"], dtype=np.int64)
         self._begin(len(tokens))
-        grids = np.stack([np.asarray(batch["grid_h"]), np.asarray(batch["grid_w"])], axis=1)
+        grids = batch_grids(batch, self.own_grid)
         images: list = [None] * len(tokens)
         for rows, cols in np.unique(grids, axis=0):
             idx = np.flatnonzero((grids == (rows, cols)).all(1))
@@ -144,6 +145,13 @@ class DecodeStage(_Reported):
         out["pixels"] = padded(images, fill=0)
         self._end(len(images))
         return out
+
+
+def batch_grids(batch: dict[str, np.ndarray], own: tuple[int, int]) -> np.ndarray:
+    """[n, 2] (rows, cols) of each image: the reader's grid columns, or the model's own grid for a batch without."""
+    if "grid_h" not in batch:
+        return np.tile(np.asarray(own, dtype=np.int64), (len(batch["seed"]), 1))
+    return np.stack([np.asarray(batch["grid_h"]), np.asarray(batch["grid_w"])], axis=1).astype(np.int64)
 
 
 def padded(arrays: list[np.ndarray], fill: int = -1) -> np.ndarray:
