@@ -221,7 +221,7 @@ def test_a_grid_view_equals_the_model_built_at_that_grid(tiny):
     built, _ = lineray_model(tiny.lumina, "64x96")
     enc = LuminaPromptEncoder.from_folder(tiny.lumina)
     view = model.for_grid(6, 4)
-    assert view.config == built.config and view.output is model.output
+    assert view.config == built.config and view.output is model.output and model.for_grid(6, 4) is view
     for spec in (CacheSpec(), CacheSpec("linear", rho="1/3")):
         _, want = generate(built, vocab, enc, PROMPTS, "64x96", 3.0, spec, seeds=[1, 2, 3])
         _, got = generate(view, vocab, enc, PROMPTS, "64x96", 3.0, spec, seeds=[1, 2, 3])

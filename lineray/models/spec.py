@@ -34,8 +34,7 @@ from lineray.models.bundles import BUNDLES, bundle_module
 from lineray.models.checkpoint import load_checkpoint
 from lineray.models.config import PRESETS, GPTConfig, preset, preset_family
 from lineray.models.layers import TPGroup, checkpoint_tensors
-from lineray.models.lumina.prompt import SAMPLE, ImageSize
-from lineray.models.lumina.sizes import size_problem
+from lineray.models.lumina.sizes import SAMPLE, ImageSize, size_problem
 from lineray.models.tokenizer_file import TOKENIZER_FILE
 from lineray.models.transformer import Transformer
 from lineray.validation import STRICT

@@ -136,6 +136,7 @@ class Transformer(nn.Module):
         dtype): `model.to(bfloat16)` would otherwise round cos/sin to 8 bits. Recomputed, not cast
         back, so it is exact; it follows the device of the other buffers."""
         super()._apply(fn, recurse)
+        self.__dict__.pop("_grid_views", None)  # views hold the old buffers: made again on demand
         if self.rope.dtype != torch.float32:
             self.rope = self._rope_table().to(self.rope.device)
         return self
@@ -148,15 +149,26 @@ class Transformer(nn.Module):
         cfg = self.config
         if (rows, cols) == (cfg.grid_h, cfg.grid_width):
             return self
-        problem = self.family.grid_problem(cfg, rows, cols)
-        if problem is not None:
-            raise ValueError(problem)
-        view = copy.copy(self)  # shallow: the same submodules and parameters
-        view._buffers = dict(self._buffers)  # its own buffer table, so its forced tokens do not replace ours
-        view.config = replace(cfg, grid_size=rows, grid_w=cols)
-        forced = self.family.forced_tokens(view.config)
-        view.forced_tokens = None if forced is None else forced.to(self.device)
-        return view
+        # One view per grid, kept: a captured CUDA graph of the decode step is keyed by the model object.
+        views = self.__dict__.setdefault("_grid_views", {})
+        if (rows, cols) not in views:
+            problem = self.family.grid_problem(cfg, rows, cols)
+            if problem is not None:
+                raise ValueError(problem)
+            view = copy.copy(self)  # shallow: the same submodules and parameters
+            view._buffers = dict(self._buffers)  # its own buffer table, so its forced tokens do not replace ours
+            view.config = replace(cfg, grid_size=rows, grid_w=cols)
+            forced = self.family.forced_tokens(view.config)
+            view.forced_tokens = None if forced is None else forced.to(self.device)
+            views[rows, cols] = view
+        return views[rows, cols]
+
+    def sample_grids(self, cond, seeds: list[int], sampling) -> list[tuple[int, int]]:
+        """Each image's grid drawn by the model from its own seed (a family with size tokens: Lumina-mGPT);
+        cond: prompts ending where the size tokens would follow."""
+        if self.family.sample_grids is None:
+            raise ValueError(f"{self.family.name} models have no size tokens: their image size cannot be sampled")
+        return [tuple(g) for g in self.family.sample_grids(self, cond, seeds, sampling)]
 
     @property
     def prefix_embedder(self) -> nn.Module:

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lineray.models.lumina.sizes import SAMPLE  # a row's size the model draws (Lumina-mGPT)
+
 SEED_MASK = 2**63 - 1  # seeds stay non-negative int64 (Parquet, torch.Generator)
-SAMPLE = "sample"  # a row's size the model draws (Lumina-mGPT), as lineray.models.lumina.prompt.SAMPLE
 SAMPLED_GRID = (0, 0)  # the grid of an image whose size the model draws: known once generated
 
 

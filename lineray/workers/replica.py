@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from lineray.kernels.sampling import SamplingConfig
-from lineray.models.generate import Condition, generate_tokens
+from lineray.models.generate import Condition, generate_tokens, reusable_cache
 from lineray.workers.config import ReplicaConfig
 from lineray.workers.devices import make_current, setup_device
 
@@ -36,7 +36,7 @@ class LocalReplica:
         make_current(self.device)  # the caller may run it on another thread than the constructor
         sampling = sampling or self.cfg.sampling
         model = self.model if grid is None else self.model.for_grid(*grid)
-        self._cache = cache_for(self._cache, model, self.cfg.cache)
+        self._cache = reusable_cache(self._cache, model, self.cfg.cache)
         # The cache is resized in place for another batch size (its old tensors freed first).
         out = generate_tokens(model, cond, seeds, sampling=sampling,
                               cache_spec=self.cfg.cache, cache=self._cache, on_step=on_step)
@@ -46,28 +46,13 @@ class LocalReplica:
     def sample_grids(self, cond: Condition, seeds: list[int], sampling: SamplingConfig | None = None) -> list:
         """Each image's grid, drawn by the model (a family with size tokens; see sample_sizes_then_generate)."""
         make_current(self.device)
-        return draw_grids(self.model, cond, seeds, sampling or self.cfg.sampling)
+        return self.model.sample_grids(cond, seeds, sampling or self.cfg.sampling)
 
     def memory(self):
         return None if self._cache is None else self._cache.memory()
 
     def shutdown(self) -> None:
         self._cache = None
-
-
-def cache_for(cache, model, spec):
-    """`cache` if it serves the model's grid (resized for the batch by generate_tokens), else None: the old one
-    is dropped before a batch of another grid allocates its own, so the peak stays one cache."""
-    if cache is not None and cache.plan != model.config.cache_plan(spec):
-        return None
-    return cache
-
-
-def draw_grids(model, cond: Condition, seeds: list[int], sampling: SamplingConfig) -> list[tuple[int, int]]:
-    family = model.family
-    if family.sample_grids is None:
-        raise ValueError(f"{family.name} models have no size tokens: their image size cannot be sampled")
-    return [tuple(g) for g in family.sample_grids(model, cond, seeds, sampling)]
 
 
 def sample_sizes_then_generate(replica, prompts: list[list[int]], seeds: list[int], sampling=None,

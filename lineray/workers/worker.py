@@ -23,11 +23,10 @@ import ray
 import torch
 
 from lineray.cache.kv import MemoryReport
-from lineray.models.generate import Condition, Generation, generate_tokens, new_cache
+from lineray.models.generate import Condition, Generation, generate_tokens, new_cache, reusable_cache
 from lineray.models.layers import TPGroup, checkpoint_tensors
 from lineray.workers.config import ReplicaConfig
 from lineray.workers.devices import make_current, setup_device
-from lineray.workers.replica import cache_for, draw_grids
 from lineray.workers.parallel_state import Rendezvous, join_tp_group, leave_tp_group
 
 LOOPBACK = "127.0.0.1"
@@ -144,7 +143,7 @@ class TPWorker:
         """Each image's grid drawn by the model (every rank draws the same: gathered logits, the same seeds)."""
         make_current(self.device)
         self.progress.start(batch_id)
-        return draw_grids(self.model, cond, seeds, sampling or self.cfg.sampling)
+        return self.model.sample_grids(cond, seeds, sampling or self.cfg.sampling)
 
     def _generate(self, cond: Condition, seeds: list[int], batch_id, sampling, *, return_logits: bool = False,
                   on_step=None, grid=None) -> Generation:
@@ -152,7 +151,7 @@ class TPWorker:
         sampling = sampling or self.cfg.sampling
         model = self.model if grid is None else self.model.for_grid(*grid)
         rows = len(cond) * (2 if sampling.uses_cfg else 1)
-        self._cache = cache_for(self._cache, model, self.cfg.cache)
+        self._cache = reusable_cache(self._cache, model, self.cfg.cache)
         if self._cache is None or self._cache.rows != rows:
             self._cache = None  # free the old one first
             self._cache = new_cache(model, self.cfg.cache, rows, sampling.uses_cfg)

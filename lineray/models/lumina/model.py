@@ -29,11 +29,14 @@ slots of its prompt row (`null_prompt`).
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lineray.cache import CacheSpec, KVCache
+from lineray.kernels.sampling import image_uniforms, sample
 from lineray.models.config import GPTConfig
 from lineray.models.layers import CheckpointTensor, SliceReader, TPGroup
 from lineray.models.lumina import sizes
@@ -131,11 +134,6 @@ def sample_grids(model: nn.Module, cond, seeds: list[int], sampling) -> list[tup
     tokens' (`size_uniforms`), so an image equals the one generated alone, with that size forced.
 
     cond: prompt ids ending with begin-of-image. One prefill and one step over a cache of one visual slot."""
-    from dataclasses import replace
-
-    from lineray.cache import CacheSpec, KVCache
-    from lineray.kernels.sampling import sample
-
     cfg = model.config
     choices = crop_sizes_with_tokens(cfg)
     x, mask = cond.prompt_ids.to(model.device), cond.prompt_mask.to(model.device)
@@ -175,7 +173,6 @@ def only(logits: torch.Tensor, allowed: list[set[int]]) -> torch.Tensor:
 
 def size_uniforms(seeds: list[int]) -> torch.Tensor:
     """[B, 2] uniforms for the height and width tokens, from a stream of each seed apart from the image's."""
-    from lineray.kernels.sampling import image_uniforms
     return image_uniforms([int.from_bytes(hashlib.blake2b(f"size\0{int(s)}".encode(), digest_size=8).digest(),
                                           "little") & SEED_MASK for s in seeds], 2)
 

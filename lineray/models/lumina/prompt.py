@@ -13,55 +13,17 @@ CFG row is the image prefix alone (Lumina's separate sequence from begin-of-imag
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
+from lineray.models.lumina.sizes import SAMPLE, ImageSize, PromptError, size_problem
 from lineray.models.lumina.vocab import PATCH_PX, LuminaVocab
 from lineray.models.tokenizer_file import TOKENIZER_FILE, read_tokenizer
 
 TEMPLATE = "Generate an image of {w}x{h} according to the following prompt:\n{prompt}"
-SAMPLE = "sample"  # a size the model draws: the prefix ends at begin-of-image (lumina.model.sample_grids)
-
-
-class PromptError(ValueError):
-    """A prompt that cannot be used (empty, too long, a size the model cannot make); names the prompt."""
 
 
 def _show(text: str, n: int = 40) -> str:
     return repr(text if len(text) <= n else text[:n] + "...")
-
-
-@dataclass(frozen=True)
-class ImageSize:
-    """Width x height in pixels, multiples of 32 (the size tokens count 32 px patches)."""
-    width: int
-    height: int
-
-    @classmethod
-    def parse(cls, value) -> "ImageSize":
-        """768, "768", "768x512" (width x height), (768, 512) or an ImageSize."""
-        if isinstance(value, ImageSize):
-            return value
-        try:
-            if isinstance(value, (tuple, list)):
-                w, h = (int(v) for v in value)
-            elif isinstance(value, int) or "x" not in str(value).lower():
-                w = h = int(value)
-            else:
-                w, h = (int(v) for v in str(value).lower().split("x"))
-        except (TypeError, ValueError):
-            raise PromptError(f"image size must be WIDTHxHEIGHT in pixels (e.g. 768x512), got {value!r}") from None
-        if w <= 0 or h <= 0 or w % PATCH_PX or h % PATCH_PX:
-            raise PromptError(f"image size {w}x{h}: width and height must be positive multiples of {PATCH_PX} px")
-        return cls(w, h)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """(rows, codes per row) of the image token grid: 16 px per code."""
-        return self.height // (PATCH_PX // 2), self.width // (PATCH_PX // 2)
-
-    def __str__(self) -> str:
-        return f"{self.width}x{self.height}"
 
 
 class LuminaPromptEncoder:
@@ -94,7 +56,6 @@ class LuminaPromptEncoder:
         if isinstance(value, str) and value.strip().lower() == SAMPLE:
             return SAMPLE
         size = ImageSize.parse(value)
-        from lineray.models.lumina.sizes import size_problem
         problem = size_problem(size, self.target_size) if self.target_size else None
         if problem is not None:
             raise PromptError(problem)

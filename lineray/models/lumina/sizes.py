@@ -15,11 +15,50 @@ Image code grids are 16 px a code: a size of hp x wp patches is 2hp lines of 2wp
 """
 from __future__ import annotations
 
-from lineray.models.lumina.prompt import ImageSize
+from dataclasses import dataclass
+
 from lineray.models.lumina.vocab import PATCH_PX
 
+SAMPLE = "sample"  # a size the model draws: the prefix ends at begin-of-image (lumina.model.sample_grids)
 MAX_ASPECT = 4.0  # generate_crop_size_list's max_ratio
 CODES_PER_PATCH = PATCH_PX // 16  # codes a side of one 32 px patch
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be used (empty, too long, a size the model cannot make); names the prompt."""
+
+
+@dataclass(frozen=True)
+class ImageSize:
+    """Width x height in pixels, multiples of 32 (the size tokens count 32 px patches)."""
+    width: int
+    height: int
+
+    @classmethod
+    def parse(cls, value) -> "ImageSize":
+        """768, "768", "768x512" (width x height), (768, 512) or an ImageSize."""
+        if isinstance(value, ImageSize):
+            return value
+        try:
+            if isinstance(value, (tuple, list)):
+                w, h = (int(v) for v in value)
+            elif isinstance(value, int) or "x" not in str(value).lower():
+                w = h = int(value)
+            else:
+                w, h = (int(v) for v in str(value).lower().split("x"))
+        except (TypeError, ValueError):
+            raise PromptError(f"image size must be WIDTHxHEIGHT in pixels (e.g. 768x512), got {value!r}") from None
+        if w <= 0 or h <= 0 or w % PATCH_PX or h % PATCH_PX:
+            raise PromptError(f"image size {w}x{h}: width and height must be positive multiples of {PATCH_PX} px")
+        return cls(w, h)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, codes per row) of the image token grid: 16 px per code."""
+        return self.height // (PATCH_PX // 2), self.width // (PATCH_PX // 2)
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}"
 
 
 def max_patches(target_px: int) -> int:
