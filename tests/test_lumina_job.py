@@ -239,3 +239,22 @@ def test_cli_sample_draws_the_size(folder, tmp_path, capsys):
     replica = LocalReplica(ReplicaConfig(model=spec, sampling=Sampling(cfg_scale=4.0, top_k=2000)))
     grids = replica.sample_grids(Condition.prompts(spec.prompt_encoder().encode(prompts, "sample")), [3, 4, 5, 6])
     assert sizes == [(cols * 16, rows * 16) for rows, cols in grids]
+
+
+def test_row_rules_take_the_jobs_size_and_each_rows_own(folder):
+    """`model.size: sample` in a job: rows without a size are drawn by the model (their prefix ends at
+    begin-of-image, grid unknown until generated); a row's own size wins; a row's bad size is its reason."""
+    from lineray.pipelines.prompts import SAMPLED_GRID, RowError, RowRules, parse_prompt
+    job = JobConfig.from_dict(dict(source="p.jsonl", output="out",
+                                   model=dict(preset="lumina-tiny", checkpoint=folder, size="sample")))
+    rules = RowRules.for_job(job)
+    vocab = rules.encoder.vocab
+    drawn = parse_prompt({"id": 1, "prompt": "a red fox"}, rules)
+    assert drawn.grid == SAMPLED_GRID and drawn.prompt_ids[-1] == vocab.begin_of_image
+    own = parse_prompt({"id": 2, "prompt": "a red fox", "size": "64x128"}, rules)
+    assert own.grid == (8, 4) and own.prompt_ids[-3:] == [vocab.begin_of_image, vocab.size_id(4), vocab.size_id(2)]
+    for size, reason in (("48", "bad size '48': image size 48x48: width and height must be positive multiples"),
+                         ("64x", "must be WIDTHxHEIGHT"),
+                         ("32x160", "more than 4:1"), ("128x128", "larger than this model makes")):
+        with pytest.raises(RowError, match=reason):
+            parse_prompt({"id": 3, "prompt": "a red fox", "size": size}, rules)
