@@ -78,7 +78,7 @@ def sample(classes: list[int] | None = None, *, prompts: list[str] | None = None
     replica = replica or make_replica(cfg)
     decoder = model.build_decoder(device=device)
     n_tok = replica.model_config.image_tokens
-    bar = _progress(n * n_tok, progress)
+    bar = _progress(None if model.samples_size else n * n_tok, progress)  # drawn sizes: tokens unknown ahead
     t0 = time.perf_counter()
     try:
         tokens, grids = [], []
@@ -87,7 +87,8 @@ def sample(classes: list[int] | None = None, *, prompts: list[str] | None = None
             rows = len(seeds[chunk])
             step = (lambda i, k=rows: bar.update(k))
             if model.samples_size:  # the model draws each image's size; the images of each size run together
-                drawn, grid = sample_sizes_then_generate(replica, conditions.ids[chunk], seeds[chunk], on_step=step)
+                drawn, grid = sample_sizes_then_generate(replica, conditions.ids[chunk], seeds[chunk],
+                                                         on_step=bar.update)
                 tokens, grids = tokens + drawn, grids + grid
             else:
                 tokens.append(replica.generate(conditions(chunk), seeds[chunk], on_step=step))
@@ -187,7 +188,7 @@ def default_sampling(model: ModelSpec) -> SamplingConfig:
     return model.default_sampling()
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int | None, enabled: bool):
     from tqdm import tqdm
     return tqdm(total=total, unit="tok", unit_scale=True, disable=not enabled, desc="generating",
                 dynamic_ncols=True)

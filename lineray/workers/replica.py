@@ -61,7 +61,8 @@ def sample_sizes_then_generate(replica, prompts: list[list[int]], seeds: list[in
     replica draws each image's grid from its own seed (one prefill of the conditional rows), then generates
     the images of each grid together with the size tokens forced, so the prefix ends exactly as the model
     wrote it. (The conditional prefill runs again there: cheap next to the image, and it keeps the decode
-    loop one-grid and family-blind.) Returns each image's tokens [N_i] and its (rows, cols)."""
+    loop one-grid and family-blind.) on_step(n): n more tokens are done (one per image of the running size).
+    Returns each image's tokens [N_i] and its (rows, cols)."""
     from lineray.models.family import family_of
     cfg = replica.model_config
     grids = replica.sample_grids(Condition.prompts(prompts), seeds, sampling)
@@ -69,7 +70,8 @@ def sample_sizes_then_generate(replica, prompts: list[list[int]], seeds: list[in
     for grid in sorted(set(grids)):
         idx = [i for i, g in enumerate(grids) if g == grid]
         ids = [list(prompts[i]) + family_of(cfg.family).grid_prefix(cfg, *grid) for i in idx]
-        out = replica.generate(Condition.prompts(ids), [seeds[i] for i in idx], on_step=on_step, sampling=sampling,
+        step = None if on_step is None else (lambda i, n=len(idx): on_step(n))
+        out = replica.generate(Condition.prompts(ids), [seeds[i] for i in idx], on_step=step, sampling=sampling,
                                grid=grid)
         for j, i in enumerate(idx):
             tokens[i] = out[j]
