@@ -14,7 +14,7 @@ from lineray.images import contact_sheet, save_png, to_uint8
 from lineray.kernels.sampling import SamplingConfig
 from lineray.models.generate import Condition, GenerationError
 from lineray.models.spec import ModelSpec
-from lineray.workers.replica import ReplicaConfig, make_replica
+from lineray.workers.replica import ReplicaConfig, make_replica, sample_sizes_then_generate
 
 
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
@@ -24,8 +24,8 @@ DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 class SampleResult:
     labels: list[int]  # class ids (c2i); empty for text prompts
     seeds: list[int]
-    tokens: torch.Tensor  # [B, N]
-    images: np.ndarray  # [B, H, W, 3] uint8
+    tokens: torch.Tensor | list  # [B, N]; a list of [N_i] when the model drew each image's size
+    images: np.ndarray | list  # [B, H, W, 3] uint8; a list of [H_i, W_i, 3] when the sizes differ
     paths: list[Path] = field(default_factory=list)
     sheet: Path | None = None
     seconds: float = 0.0
@@ -50,14 +50,18 @@ def resolve_device(device: str | None = None) -> str:
 def sample(classes: list[int] | None = None, *, prompts: list[str] | None = None, model: ModelSpec = ModelSpec(),
            cache: CacheSpec = CacheSpec(), sampling: SamplingConfig | None = None, seed: int = 0,
            seeds: list[int] | None = None, batch_size: int = 16, tp: int = 1, device: str | None = None,
-           compile: bool = False, out: str | Path | None = None, progress: bool = True, replica=None) -> SampleResult:
+           compile: bool = False, out: str | Path | None = None, progress: bool = True, replica=None,
+           size: str | None = None) -> SampleResult:
     """Generate one image per class label (c2i models) or per text prompt (Janus-Pro and other text-prompt
-    families). Image i gets seed `seeds[i]` (default `seed + i`).
+    families). Image i gets seed `seeds[i]` (default `seed + i`). size (Lumina-mGPT): "WIDTHxHEIGHT", or
+    "sample": the model draws each image's size as the original does (model.size otherwise).
 
     device: cpu, cuda or cuda:N; None = CUDA when present. The class ids or prompts, the tp size and the
     cache settings are checked before the model loads. Writes `out/{i:04d}_class{c}.png` (or
     `out/{i:04d}_{first words}.png`) and `out/contact_sheet.png` when `out` is given.
     """
+    if size is not None:
+        model = model.replace(size=size)
     model_cfg = model.config()
     conditions, captions = _conditions(model, model_cfg, classes, prompts)
     n = len(captions)
@@ -74,22 +78,31 @@ def sample(classes: list[int] | None = None, *, prompts: list[str] | None = None
     replica = replica or make_replica(cfg)
     decoder = model.build_decoder(device=device)
     n_tok = replica.model_config.image_tokens
-    bar = _progress(n * n_tok, progress)
+    bar = _progress(None if model.samples_size else n * n_tok, progress)  # drawn sizes: tokens unknown ahead
     t0 = time.perf_counter()
     try:
-        tokens = []
+        tokens, grids = [], []
         for start in range(0, n, batch_size):
             chunk = slice(start, start + batch_size)
             rows = len(seeds[chunk])
-            tokens.append(replica.generate(conditions(chunk), seeds[chunk], on_step=lambda i, k=rows: bar.update(k)))
+            step = (lambda i, k=rows: bar.update(k))
+            if model.samples_size:  # the model draws each image's size; the images of each size run together
+                drawn, grid = sample_sizes_then_generate(replica, conditions.ids[chunk], seeds[chunk],
+                                                         on_step=bar.update)
+                tokens, grids = tokens + drawn, grids + grid
+            else:
+                tokens.append(replica.generate(conditions(chunk), seeds[chunk], on_step=step))
     finally:
         bar.close()
         if own:
             replica.shutdown()
-    tokens = torch.cat(tokens)
-    lines = tokens.view(-1, model_cfg.grid_h, model_cfg.line_tokens)  # by line, end-of-line tokens last (Lumina)
-    with torch.inference_mode():
-        images = to_uint8(decoder.decode_codes(lines.to(device)))
+    if model.samples_size:
+        images = decode_sizes(decoder, tokens, grids, model_cfg.line_extra, device)
+    else:
+        tokens = torch.cat(tokens)
+        lines = tokens.view(-1, model_cfg.grid_h, model_cfg.line_tokens)  # by line, end-of-line tokens last (Lumina)
+        with torch.inference_mode():
+            images = to_uint8(decoder.decode_codes(lines.to(device)))
     result = SampleResult(list(classes or []) if prompts is None else [], seeds, tokens, images,
                           seconds=time.perf_counter() - t0, prompts=list(prompts or []))
     if out is not None:
@@ -111,7 +124,7 @@ def _conditions(model: ModelSpec, model_cfg, classes, prompts):
             kind = "class ids" if model_cfg.model_type == "c2i" else "caption embeddings (a job with text_encoder)"
             raise GenerationError(f"{model.name} takes {kind}, not text prompts")
         ids = prompt_token_ids(model, model_cfg, list(prompts))
-        return (lambda chunk: Condition.prompts(ids[chunk])), list(prompts)
+        return PromptBatches(ids), list(prompts)
     classes = [int(c) for c in classes]
     if not classes:
         raise GenerationError("no prompts given: the class list is empty")
@@ -136,10 +149,33 @@ def prompt_token_ids(model: ModelSpec, model_cfg, prompts: list[str]) -> list[li
     ids = []
     for i, text in enumerate(prompts, 1):
         try:
-            ids.append(encode_prompt(encoder, text, model_cfg.max_prefix_len))
+            ids.append(encode_prompt(encoder, text, model_cfg.max_prefix_len, model.size))
         except RowError as e:
             raise GenerationError(f"prompt {i}: {e}") from None
     return ids
+
+
+@dataclass
+class PromptBatches:
+    """chunk -> the Condition of those prompts; `ids`: their token ids."""
+    ids: list[list[int]]
+
+    def __call__(self, chunk: slice) -> Condition:
+        return Condition.prompts(self.ids[chunk])
+
+
+def decode_sizes(decoder, tokens: list[torch.Tensor], grids: list[tuple[int, int]], line_extra: int,
+                 device: str) -> list[np.ndarray]:
+    """Images of several sizes: each grid's images decoded together, returned in order."""
+    images: list = [None] * len(tokens)
+    for rows, cols in sorted(set(grids)):
+        idx = [i for i, g in enumerate(grids) if g == (rows, cols)]
+        lines = torch.stack([tokens[i] for i in idx]).view(len(idx), rows, cols + line_extra)
+        with torch.inference_mode():
+            pixels = to_uint8(decoder.decode_codes(lines.to(device)))
+        for j, i in enumerate(idx):
+            images[i] = pixels[j]
+    return images
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -152,7 +188,7 @@ def default_sampling(model: ModelSpec) -> SamplingConfig:
     return model.default_sampling()
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int | None, enabled: bool):
     from tqdm import tqdm
     return tqdm(total=total, unit="tok", unit_scale=True, disable=not enabled, desc="generating",
                 dynamic_ncols=True)

@@ -48,9 +48,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokenizer.json (or its folder) for text prompts; default: the checkpoint folder's "
                         "(needed with --checkpoint random)")
     g.add_argument("--grid-size", type=int, help="image tokens per side (16 for 256 px, 24 for 384 px)")
-    g.add_argument("--size", metavar="WxH",
-                   help="Lumina-mGPT: image width x height in px, multiples of 32 (e.g. 768x512); default: the "
-                        "preset's size")
+    g.add_argument("--size", metavar="WxH|sample",
+                   help="Lumina-mGPT: image width x height in px, multiples of 32 (e.g. 768x512), or 'sample': the "
+                        "model draws each image's size as the original does; default: the preset's size (job rows "
+                        "may give their own `size`)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"],
                    help="compute dtype (default float32; auto = bfloat16 where the hardware has it)")
     g.add_argument("--ema", action="store_true", default=None, help="load the checkpoint's EMA weights")

@@ -37,7 +37,7 @@ def contact_sheet(images: list[np.ndarray], captions: list[str] | None = None, c
     n = len(images)
     cols = cols or min(n, max(1, math.ceil(math.sqrt(n))))
     rows = math.ceil(n / cols)
-    h, w = images[0].shape[:2]
+    h, w = max(im.shape[0] for im in images), max(im.shape[1] for im in images)  # images may differ in size
     scale = max(1, math.ceil(min_cell / max(h, w)))
     ch, cw = h * scale, w * scale
     text_h = 14 if captions else 0
@@ -46,7 +46,7 @@ def contact_sheet(images: list[np.ndarray], captions: list[str] | None = None, c
     for i, img in enumerate(images):
         r, c = divmod(i, cols)
         x, y = 4 + c * (cw + 4), 4 + r * (ch + text_h + 4)
-        sheet.paste(Image.fromarray(img).resize((cw, ch), Image.NEAREST), (x, y))
+        sheet.paste(Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST), (x, y))
         if captions:
             draw.text((x + 2, y + ch + 1), captions[i][: max(1, cw // 6)], fill="black")
     return sheet

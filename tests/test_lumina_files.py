@@ -131,3 +131,28 @@ def test_both_layouts_read_the_same_tensors_under_lineray_names(tiny):
                                tiny.model.model.layers[1].self_attn.k_norm.bias[2:4].detach())
     torch.testing.assert_close(published.read("layers.0.attention.wqkv.weight", rows=slice(64, 96)),
                                tiny.model.model.layers[0].self_attn.k_proj.weight[:32].detach())
+
+
+def test_tokenizer_json_is_parsed_once_and_a_broken_one_is_named(tmp_path):
+    """The prompt encoder and the vocabulary share one parsed tokenizer.json (5.6 MB for the 768 model); a file
+    that does not parse is a one-line error naming it, for either family."""
+    import shutil
+
+    from lineray.models.janus.prompt import PromptEncoder, PromptError
+    from lineray.models.lumina.folder import LuminaFolderError, read_vocab
+    from lineray.models.lumina.prompt import LuminaPromptEncoder
+    from lineray.models.tokenizer_file import read_tokenizer
+    from lumina_fixtures import write_tokenizer
+    write_tokenizer(tmp_path / "tokenizer.json")
+    assert LuminaPromptEncoder.from_folder(tmp_path).tokenizer is read_tokenizer(tmp_path / "tokenizer.json")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text('{"model": ')
+    with pytest.raises(PromptError, match=r"cannot read .*broken/tokenizer.json: ") as e:
+        PromptEncoder.from_folder(broken)
+    assert len(str(e.value).splitlines()) == 1
+    (broken / "config.json").write_text(json.dumps({"architectures": ["ChameleonForConditionalGeneration"],
+                                                   "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
+                                                   "intermediate_size": 8, "vocab_size": 96}))
+    with pytest.raises(LuminaFolderError, match=r"cannot read .*broken/tokenizer.json: "):
+        read_vocab(broken)

@@ -160,3 +160,101 @@ def test_lumina_job_at_a_requested_size(ray_session, s3, folder):  # noqa: F811
     table = read_dataset(s3.fs(), "bucket/out/lumina-sized")
     shapes = {np.asarray(Image.open(io.BytesIO(r["image"]["bytes"]))).shape for r in table.to_pylist()}
     assert shapes == {(96, 64, 3)}  # height x width
+
+
+def test_lumina_job_with_a_size_per_row(ray_session, s3, folder):  # noqa: F811
+    """Rows ask their own size (two non-square ones and a square one), leave it out (the preset's 96x64), let the
+    model draw it ("sample"), or ask one the model does not make (quarantined, the reason names the row's size).
+    Every good id is written once; each PNG has its row's size and equals that prompt at that size generated alone
+    with the image's seed (batches of one grid each: rows are grouped by size)."""
+    import pyarrow.parquet as pq
+
+    from lineray.images import to_uint8
+    from lineray.workers.replica import LocalReplica, ReplicaConfig, sample_sizes_then_generate
+    rows = [{"id": "wide", "prompt": "a red fox in snow", "size": "128x64", "seed": 1},
+            {"id": "tall", "prompt": "blue cat sits on the mat", "size": "64x128", "seed": 2, "count": 2},
+            {"id": "plain", "prompt": "green tree", "seed": 3},
+            {"id": "square", "prompt": "a red fox", "size": "96x96"},
+            {"id": "huge", "prompt": "a red fox", "size": "256x256"},
+            {"id": "drawn", "prompt": "small cat", "size": "sample", "seed": 9},
+            {"id": "odd", "prompt": "a red fox", "size": "100x64"}]
+    source = put(s3, "prompts/lumina-rows.jsonl", jsonl_bytes(rows))
+    model = dict(preset="lumina-tiny", checkpoint=folder)
+    job = JobConfig.from_dict(tiny_job(source, "s3://bucket/out/lumina-rows", model=model, storage_options=s3.options,
+                                       sampling=dict(cfg_scale=4.0, top_k=2000), shard_rows=4, max_batch_size=3,
+                                       max_error_fraction=0.5, cache={"policy": "linear", "rho": "1/2"}))
+    summary = run_job(job, progress=False)
+    assert (summary.images, summary.errors) == (6, 2)
+    fs = s3.fs()
+    errors = {r["id"]: r["reason"] for r in pq.read_table("bucket/out/lumina-rows/errors", filesystem=fs).to_pylist()}
+    assert set(errors) == {"huge", "odd"}
+    assert errors["huge"].startswith("bad size '256x256': image size 256x256 is larger than this model makes")
+    assert errors["odd"].startswith("bad size '100x64'") and "multiples of 32 px" in errors["odd"]
+    got = {(r["id"], r["image_index"]): r for r in read_dataset(fs, "bucket/out/lumina-rows").to_pylist()}
+    assert sorted(got) == [("drawn", 0), ("plain", 0), ("square", 0), ("tall", 0), ("tall", 1), ("wide", 0)]
+    want_size = {"wide": (128, 64), "tall": (64, 128), "plain": (96, 64), "square": (96, 96)}
+    spec = ModelSpec(preset="lumina-tiny", checkpoint=folder)
+    decoder = spec.build_decoder()
+    prompt_of = {r["id"]: r["prompt"] for r in rows}
+    for (pid, k), row in got.items():
+        png = np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])))
+        assert png.shape == (row["height"], row["width"], 3)
+        if pid == "drawn":  # alone: its size drawn from its seed, then generated at that size
+            alone = LocalReplica(ReplicaConfig(model=spec.replace(size="sample"), sampling=job.sampling, cache=job.cache))
+            ids = alone.cfg.model.prompt_encoder().encode([prompt_of[pid]], "sample")
+            (tokens,), ((h, w),) = sample_sizes_then_generate(alone, ids, [row["seed"]])
+            want = to_uint8(decoder.decode_codes(tokens.view(1, h, w + 1)))[0]
+        else:
+            width, height = want_size[pid]
+            assert (row["width"], row["height"]) == (width, height), pid
+            sized = spec.replace(size=f"{width}x{height}")
+            ids = sized.prompt_encoder().encode([prompt_of[pid]])
+            gen = generate_tokens(sized.build_model(), Condition.prompts(ids), [row["seed"]], sampling=job.sampling,
+                                  cache_spec=job.cache)
+            want = to_uint8(decoder.decode_codes(gen.tokens.view(1, height // 16, width // 16 + 1)))[0]
+        # The same tokens; pixels up to 1 apart where the VQGAN's float output, decoded in another batch shape,
+        # lands across an integer (uint8 conversion truncates). A different token changes a whole 16 px patch.
+        diff = np.abs(png.astype(int) - want)
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (pid, k, diff.max(), (diff > 0).sum())
+    assert not np.array_equal(*(np.asarray(Image.open(io.BytesIO(got["tall", k]["image"]["bytes"]))) for k in (0, 1)))
+
+
+def test_cli_sample_draws_the_size(folder, tmp_path, capsys):
+    """--size sample: the model draws each image's size (a crop size of its 96 px target); the PNGs have the sizes
+    the replica draws for those seeds, and the contact sheet holds images of different sizes."""
+    from lineray.kernels.sampling import SamplingConfig as Sampling
+    from lineray.models.lumina.sizes import crop_sizes
+    from lineray.workers.replica import LocalReplica, ReplicaConfig
+    prompts = ["a red fox in snow", "blue cat sits on the mat", "green tree", "small cat"]
+    out = tmp_path / "out"
+    argv = ["sample", "--model", "lumina-tiny", "--checkpoint", folder, "--size", "sample", "--device", "cpu",
+            "--seed", "3", "--out", str(out)]
+    for p in prompts:
+        argv += ["--prompt", p]
+    code = cli.main(argv)
+    assert code == 0, capsys.readouterr().err
+    sizes = [Image.open(p).size for p in sorted(out.glob("000*.png"))]  # (width, height)
+    assert set(sizes) <= {(s.width, s.height) for s in crop_sizes(96)} and len(set(sizes)) >= 2, sizes
+    spec = ModelSpec(preset="lumina-tiny", checkpoint=folder, size="sample")
+    replica = LocalReplica(ReplicaConfig(model=spec, sampling=Sampling(cfg_scale=4.0, top_k=2000)))
+    grids = replica.sample_grids(Condition.prompts(spec.prompt_encoder().encode(prompts, "sample")), [3, 4, 5, 6])
+    assert sizes == [(cols * 16, rows * 16) for rows, cols in grids]
+
+
+def test_row_rules_take_the_jobs_size_and_each_rows_own(folder):
+    """`model.size: sample` in a job: rows without a size are drawn by the model (their prefix ends at
+    begin-of-image, grid unknown until generated); a row's own size wins; a row's bad size is its reason."""
+    from lineray.pipelines.prompts import SAMPLED_GRID, RowError, RowRules, parse_prompt
+    job = JobConfig.from_dict(dict(source="p.jsonl", output="out",
+                                   model=dict(preset="lumina-tiny", checkpoint=folder, size="sample")))
+    rules = RowRules.for_job(job)
+    vocab = rules.encoder.vocab
+    drawn = parse_prompt({"id": 1, "prompt": "a red fox"}, rules)
+    assert drawn.grid == SAMPLED_GRID and drawn.prompt_ids[-1] == vocab.begin_of_image
+    own = parse_prompt({"id": 2, "prompt": "a red fox", "size": "64x128"}, rules)
+    assert own.grid == (8, 4) and own.prompt_ids[-3:] == [vocab.begin_of_image, vocab.size_id(4), vocab.size_id(2)]
+    for size, reason in (("48", "bad size '48': image size 48x48: width and height must be positive multiples"),
+                         ("64x", "must be WIDTHxHEIGHT"),
+                         ("32x160", "more than 4:1"), ("128x128", "larger than this model makes")):
+        with pytest.raises(RowError, match=reason):
+            parse_prompt({"id": 3, "prompt": "a red fox", "size": size}, rules)

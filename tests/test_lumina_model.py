@@ -211,3 +211,113 @@ def test_generated_tokens_decode_through_the_vqgan(tiny, tmp_path):
         torch.testing.assert_close(images[r:r + 1], reference_decode(sd, codes[None], DDCONFIG), atol=2e-5, rtol=1e-4)
     pixels = to_uint8(images)
     assert pixels.shape == (2, 64, 96, 3)
+
+
+# -- sizes -------------------------------------------------------------------------------------------------
+def test_a_grid_view_equals_the_model_built_at_that_grid(tiny):
+    """Transformer.for_grid: one loaded model makes 64x96 images exactly as a model built at 64x96 does, and
+    stays a 96x64 model itself (its own forced end-of-line positions untouched)."""
+    model, vocab = lineray_model(tiny.lumina, "96x64")
+    built, _ = lineray_model(tiny.lumina, "64x96")
+    enc = LuminaPromptEncoder.from_folder(tiny.lumina)
+    view = model.for_grid(6, 4)
+    assert view.config == built.config and view.output is model.output and model.for_grid(6, 4) is view
+    for spec in (CacheSpec(), CacheSpec("linear", rho="1/3")):
+        _, want = generate(built, vocab, enc, PROMPTS, "64x96", 3.0, spec, seeds=[1, 2, 3])
+        _, got = generate(view, vocab, enc, PROMPTS, "64x96", 3.0, spec, seeds=[1, 2, 3])
+        assert torch.equal(got.tokens, want.tokens)
+    _, own = generate(model, vocab, enc, PROMPTS[:1], "96x64", 3.0)
+    assert own.tokens.shape == (1, 4 * 7) and (own.tokens.view(4, 7)[:, -1] == vocab.end_of_line).all()
+    with pytest.raises(ValueError, match="larger than this model makes"):
+        model.for_grid(64, 64)  # 1024x1024 on a 768 model
+    with pytest.raises(ValueError, match="more than 4:1"):
+        model.for_grid(2, 10)
+
+
+def sample_reference(hf, tokenizer_path, prompt: str, template_size: ImageSize, seed: int, cfg_scale: float,
+                     sampling: SamplingConfig, target_px: int) -> list[int]:
+    """Lumina's generation with the size drawn, from MODELS.md B3 + Corrections: after begin-of-image the height
+    and width tokens are sampled from the conditional sequence alone (no CFG) under the image top-k at the
+    temperature, restricted (lineray's rule) to the target's crop sizes, with the uniforms of the image's size
+    stream; then the image with CFG (the unconditional sequence starts at [BOI, h, w]) drawn with the image's
+    uniforms. Returns [BOI, h, w, lines..., EOI]."""
+    from tokenizers import Tokenizer
+    from transformers import DynamicCache
+
+    from lineray.kernels.sampling import image_uniforms, sample
+    from lineray.models.lumina.model import size_uniforms
+    from lineray.models.lumina.sizes import crop_sizes
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    tid = tok.token_to_id
+    size_id = {g: tid(f"<reserved{8800 + g:05d}>") for g in range(1, 7)}
+    text = (f"Generate an image of {template_size.width}x{template_size.height} according to the following "
+            f"prompt:\n{prompt}<reserved08706>")
+    cond_ids = [tid("<s>")] + tok.encode(text, add_special_tokens=False).ids + [tid("<racm3:break>")]
+    crops = [(s.height // 32, s.width // 32) for s in crop_sizes(target_px)]
+    image_ids = torch.tensor(sorted(i for n, i in tok.get_vocab().items() if n.startswith("IMGIMG")))
+    plain = SamplingConfig(cfg_scale=1.0, temperature=sampling.temperature, top_k=sampling.top_k)
+
+    def run(ids, cache):
+        with torch.no_grad():
+            h = hf.model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True).last_hidden_state
+            return hf.lm_head(h[0, -1])
+
+    def draw_size(logits, allowed, u):  # over the size tokens in g order, the others suppressed
+        g = torch.tensor([logits[size_id[k]] for k in range(1, 7)])
+        g = torch.where(torch.tensor([k in allowed for k in range(1, 7)]), g, float("-inf"))
+        return int(sample(g[None], u[None], plain)) + 1
+
+    cond_cache = DynamicCache(config=hf.config)
+    u_size = size_uniforms([seed])[0]
+    h = draw_size(run(cond_ids, cond_cache), {a for a, _ in crops}, u_size[0])
+    w = draw_size(run([size_id[h]], cond_cache), {b for a, b in crops if a == h}, u_size[1])
+    head = [tid("<racm3:break>"), size_id[h], size_id[w]]
+    rows, cols = 2 * h, 2 * w
+    n = rows * (cols + 1)
+    u = image_uniforms([seed], n)[0]
+    cond = run([size_id[w]], cond_cache)
+    uncond_cache = DynamicCache(config=hf.config)
+    uncond = run(head, uncond_cache)
+    out = list(head)
+    for i in range(n):
+        if (i + 1) % (cols + 1) == 0:
+            t = tid("<reserved08799>")
+        else:
+            g = cfg_scale * (cond - uncond) + uncond
+            allowed = torch.full_like(g, float("-inf"))
+            allowed[image_ids] = g[image_ids]
+            t = int(sample(allowed[None], u[i:i + 1], sampling))
+        out.append(t)
+        if i + 1 < n:
+            cond, uncond = run([t], cond_cache), run([t], uncond_cache)
+    return out + [tid("<eoss>")]
+
+
+def test_sampled_sizes_equal_the_reference_loop(tiny):
+    """size "sample": each seed draws its own size (at least two distinct in the batch, every one a crop size of
+    the tiny model's 96 px target); each image's size tokens and image tokens equal the reference's, which
+    generates it alone."""
+    from lineray.models.lumina.sizes import crop_sizes
+    from lineray.models.spec import ModelSpec
+    from lineray.workers.replica import LocalReplica, ReplicaConfig, sample_sizes_then_generate
+    sampling = SamplingConfig(cfg_scale=3.0, temperature=1.0, top_k=2000)
+    spec = ModelSpec(preset="lumina-tiny", checkpoint=str(tiny.lumina), size="sample")
+    replica = LocalReplica(ReplicaConfig(model=spec, sampling=sampling))
+    enc = spec.prompt_encoder()
+    vocab = enc.vocab
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[1], PROMPTS[0]]
+    seeds = [3, 4, 5, 6, 7, 8]
+    ids = enc.encode(prompts, "sample")
+    assert all(i[-1] == vocab.begin_of_image for i in ids)
+    tokens, grids = sample_sizes_then_generate(replica, ids, seeds)
+    assert len(set(grids)) >= 2, grids  # the grouping path runs
+    crops = {s.grid for s in crop_sizes(96)}
+    assert set(grids) <= crops
+    for r, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        rows, cols = grids[r]
+        assert tokens[r].shape == (rows * (cols + 1),)
+        head = [vocab.begin_of_image, vocab.size_id(rows // 2), vocab.size_id(cols // 2)]
+        stream = head + tokens[r].tolist() + [vocab.end_of_image]
+        want = sample_reference(tiny.model, tiny.lumina / "tokenizer.json", prompt, ImageSize(96, 64), seed, 3.0,
+                                sampling, 96)
+        assert stream == want, r

@@ -45,6 +45,10 @@ class GPTConfig:
     cfg_pad_token_id: int | None = None  # Janus: fills the CFG null prompt between BOS and the last token
     line_token_id: int | None = None  # the token of each line's extra slots (Lumina's end-of-line), forced
     image_token_range: tuple[int, int] | None = None  # Lumina: head columns [start, stop) that are image codes
+    # Lumina: the resolution the model is trained at (px a side); it makes any size of up to (target / 32)^2
+    # 32 px patches, aspect up to 4:1 (lineray.models.lumina.sizes). 0: only the grid above.
+    target_size: int = 0
+    size_token_ids: tuple[int, ...] = ()  # Lumina: id of the size token of g x 32 px at index g - 1 (g = 1, 2, ...)
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
@@ -134,7 +138,8 @@ FAMILY_SWITCHES: dict[str, dict] = {
     # codes 4..8195, end-of-line 8803; a folder's own ids replace them: lineray.models.lumina.folder).
     "lumina": dict(model_type="text", rope="1d", rope_style="half", qk_norm=True, norm_eps=1e-5,
                    text_vocab_size=65536, max_prefix_len=384, line_extra=1, grid_size=48,
-                   image_token_range=(4, 8196), line_token_id=8803, vocab_size=8804, bos_token_id=0),
+                   image_token_range=(4, 8196), line_token_id=8803, vocab_size=8804, bos_token_id=0,
+                   size_token_ids=tuple(8804 + g for g in range(1, 65))),  # up to 64 x 32 px (1024's 4:1 side)
 }
 
 # LlamaGen's published shapes (DESIGN.md section 2).
@@ -167,12 +172,15 @@ _JANUS = {
 # Lumina-mGPT 7B (MODELS.md B1-B4): Chameleon-7B, one preset per published resolution (the grid is
 # px / 16 a side; non-square sizes set grid_size (rows) and grid_w). Family switches and the published
 # vocabulary's ids: FAMILY_SWITCHES["lumina"]; a checkpoint folder's own ids replace them.
-_LUMINA = {f"lumina-mgpt-{px}": dict(family="lumina", n_layer=32, n_head=32, dim=4096, grid_size=px // 16)  # FFN 11008
+_LUMINA = {f"lumina-mgpt-{px}": dict(family="lumina", n_layer=32, n_head=32, dim=4096, grid_size=px // 16,
+                                     target_size=px)  # FFN 11008
            for px in (512, 768, 1024)}
-# A Lumina-shaped model for tests (tests/lumina_fixtures.py's folder): 96 x 64 px, 4 lines of 6 codes + end-of-line.
+# A Lumina-shaped model for tests (tests/lumina_fixtures.py's folder): 96 x 64 px, 4 lines of 6 codes + end-of-line;
+# trained (so to say) at 96 px: sizes of up to 3 x 3 patches, 32x128 .. 128x32 (size tokens 1..6 x 32 px).
 _LUMINA["lumina-tiny"] = dict(family="lumina", n_layer=2, n_head=4, dim=64, grid_size=4, grid_w=6, text_vocab_size=96,
                               image_token_range=(4, 20), line_token_id=24, vocab_size=25, max_prefix_len=40,
-                              multiple_of=128, ffn_dim_multiplier=0.75)  # FFN 128
+                              multiple_of=128, ffn_dim_multiplier=0.75, target_size=96,  # FFN 128
+                              size_token_ids=tuple(range(25, 31)))
 PRESETS = {**_LLAMAGEN, **_SMALL, **_JANUS, **_LUMINA}
 
 

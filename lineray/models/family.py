@@ -45,6 +45,16 @@ class Family:
     null_condition: NullRule  # (model, cond rows, key mask) -> (CFG null rows, their key mask)
     # (cfg) -> [image_tokens] int64: the token forced at each image position, -1 where it is sampled; or None
     forced_tokens: Callable[..., "torch.Tensor | None"] = lambda cfg: None
+    # (cfg) -> [(rows, cols)]: the image grids a model makes besides its config's own (Lumina's sizes); with
+    # grid_problem (cfg, rows, cols) -> why not (None: allowed). One grid per generate call (Transformer.for_grid).
+    image_grids: Callable[..., list] = lambda cfg: [(cfg.grid_h, cfg.grid_width)]
+    grid_problem: Callable[..., "str | None"] = lambda cfg, rows, cols: (
+        None if (rows, cols) == (cfg.grid_h, cfg.grid_width) else f"this model makes {cfg.grid_h}x{cfg.grid_width} grids only")
+    # (model, Condition ending at begin-of-image, seeds, sampling) -> one (rows, cols) per image, drawn by the model
+    # from each image's own seed; None: the family has no size tokens
+    sample_grids: Callable | None = None
+    # (cfg, rows, cols) -> the token ids that end the prefix of an image of this grid (Lumina: the size tokens)
+    grid_prefix: Callable[..., list] = lambda cfg, rows, cols: []
     description: str = ""
 
 
@@ -67,6 +77,8 @@ FAMILIES: dict[str, Family] = {
         prefix_name="prompt_embedding", prefix_embedding=lumina.shared_embedding,
         image_name="prompt_embedding", image_embedding=lumina.image_embedding,
         output_head=lumina.output_head, null_condition=lumina.null_prompt, forced_tokens=lumina.forced_tokens,
+        image_grids=lumina.image_grids, grid_problem=lumina.grid_problem, sample_grids=lumina.sample_grids,
+        grid_prefix=lumina.grid_prefix,
         description="Lumina-mGPT text-to-image (Chameleon LM with qk-norm, end-of-line lines), 512-1024 px"),
 }
 
@@ -75,3 +87,9 @@ def family_of(name: str) -> Family:
     if name not in FAMILIES:
         raise ValueError(f"unknown model family {name!r}; known families: {', '.join(FAMILIES)}")
     return FAMILIES[name]
+
+
+def largest_image_tokens(cfg) -> int:
+    """Image tokens of the largest grid a model of `cfg` makes: what its RoPE table and memory plans are sized for."""
+    grids = family_of(cfg.family).image_grids(cfg)
+    return max([cfg.image_tokens] + [rows * (cols + cfg.line_extra) for rows, cols in grids])

@@ -125,6 +125,14 @@ def condition_rows(model: Transformer, cond: Condition, use_cfg: bool):
     return x, mask
 
 
+def reusable_cache(cache: KVCache | None, model: Transformer, spec: CacheSpec) -> KVCache | None:
+    """`cache` if it serves the model's grid (generate_tokens resizes it for the batch), else None: a replica drops
+    its cache before a batch of another grid (Transformer.for_grid) allocates one, so the peak stays one cache."""
+    if cache is not None and cache.plan != model.config.cache_plan(spec):
+        return None
+    return cache
+
+
 def new_cache(model: Transformer, cache_spec: CacheSpec, rows: int, use_cfg: bool) -> KVCache:
     cfg = model.config
     return KVCache(cfg.cache_plan(cache_spec), n_layers=cfg.n_layer, rows=rows, heads=model.local_heads,

@@ -14,7 +14,7 @@ A cache that is replaced is freed first (KVCache.resize), so only one is counted
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -58,9 +58,12 @@ def _param_counts(cfg: GPTConfig, tp: int) -> tuple[int, int]:
 
 
 def weight_bytes(cfg: GPTConfig, dtype: torch.dtype, tp: int = 1) -> int:
-    """Parameters of rank 0 (the largest share) plus the fp32 RoPE table."""
-    rope = (cfg.prefix_len + cfg.image_tokens) * cfg.head_dim * 4
-    return sum(_param_counts(cfg, tp)) * _size(dtype) + rope
+    """Parameters of rank 0 (the largest share) plus the fp32 RoPE table (sized for the largest grid)."""
+    from lineray.models.family import largest_image_tokens
+    rope = (cfg.prefix_len + largest_image_tokens(cfg)) * cfg.head_dim * 4
+    # A model of several grids has the same parameters at each: counted once, at its target's grid.
+    shape = replace(cfg, grid_size=cfg.target_size // 16, grid_w=None) if cfg.target_size else cfg
+    return sum(_param_counts(shape, tp)) * _size(dtype) + rope
 
 
 def memory_plan(cfg: GPTConfig, cache: CacheSpec, dtype: torch.dtype = torch.bfloat16, *, cfg_rows: bool = True,
@@ -92,6 +95,18 @@ def memory_plan(cfg: GPTConfig, cache: CacheSpec, dtype: torch.dtype = torch.bfl
         evict = rows * heads * (plan.budget * (D * elem + 3 * 8) + cand * 3 * 4 + grid)
     return MemoryPlan(weights_bytes=weight_bytes(cfg, dtype, tp), kv_bytes_per_image=kv, meta_bytes_per_image=meta,
                       activation_bytes_per_image=act, transient_bytes_per_image=max(prefill, evict))
+
+
+def largest_memory_plan(cfg: GPTConfig, cache: CacheSpec, dtype: torch.dtype = torch.bfloat16, *,
+                        cfg_rows: bool = True, tp: int = 1) -> MemoryPlan:
+    """The plan of the grid that costs the most per image among those the model makes (one grid for most
+    families; Lumina-mGPT's sizes: a job's rows may ask any, and a batch holds one): the batch size that fits
+    it fits every batch."""
+    from lineray.models.family import family_of
+    grids = family_of(cfg.family).image_grids(cfg)
+    plans = [memory_plan(replace(cfg, grid_size=rows, grid_w=cols) if (rows, cols) != (cfg.grid_h, cfg.grid_width)
+                         else cfg, cache, dtype, cfg_rows=cfg_rows, tp=tp) for rows, cols in grids]
+    return max(plans, key=lambda p: p.bytes_per_image)
 
 
 def largest_batch(cfg: GPTConfig, cache: CacheSpec, budget_bytes: int, dtype: torch.dtype = torch.bfloat16,

@@ -34,7 +34,8 @@ from lineray.models.bundles import BUNDLES, bundle_module
 from lineray.models.checkpoint import load_checkpoint
 from lineray.models.config import PRESETS, GPTConfig, preset, preset_family
 from lineray.models.layers import TPGroup, checkpoint_tensors
-from lineray.models.lumina.prompt import ImageSize
+from lineray.models.lumina.sizes import SAMPLE, ImageSize, size_problem
+from lineray.models.tokenizer_file import TOKENIZER_FILE
 from lineray.models.transformer import Transformer
 from lineray.validation import STRICT
 
@@ -97,7 +98,6 @@ FAMILY_SAMPLING = {"janus": dict(cfg_scale=5.0, temperature=1.0, top_k=0, top_p=
 # Lumina-mGPT at 1/8 of the K/V; issue 14), else the paper's headline 1/6 (ModelSpec.cache_with_budget).
 FAMILY_RHO = {"lumina": "1/8"}
 DEFAULT_RHO = "1/6"
-TOKENIZER_FILE = "tokenizer.json"
 FOLDER_FILES = ("config.json", TOKENIZER_FILE)
 # What a preset of each family needs besides its name (`lineray presets`).
 FAMILY_NEEDS = {
@@ -118,6 +118,7 @@ class ModelSpec:
     tokenizer: str | None = None  # text prompts: tokenizer.json or its folder; None: the checkpoint folder's
     grid_size: int | None = None  # image tokens per side; None = the preset's
     # Lumina-mGPT: the image's WIDTHxHEIGHT in px, multiples of 32 ("768x512"; 768 = square); None = the preset's
+    # or "sample": the model draws each image's size, as the original does (its crop sizes; lumina.model.sample_grids)
     size: int | str | None = None
     model_type: Literal["c2i", "t2i"] | None = None  # None = the preset's
     dtype: Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"] = "float32"  # auto: bf16 where native
@@ -154,14 +155,26 @@ class ModelSpec:
         return self
 
     def _check_size(self) -> None:
-        """`size` is Lumina's (its size tokens and end-of-line lines take any WxH); stored as "WxH"."""
+        """`size` is Lumina's (its size tokens and end-of-line lines take any WxH it allows); stored as "WxH",
+        or "sample" (the model draws it)."""
         if self.family != "lumina":
             raise ValueError(f"size: {self.size!r} is for Lumina-mGPT models (lumina-mgpt-768, ...); {self.preset} "
                              f"makes square images of grid_size tokens a side")
+        if self.size == SAMPLE:
+            return
         try:
-            object.__setattr__(self, "size", str(ImageSize.parse(self.size)))  # frozen: normalised once, here
+            size = ImageSize.parse(self.size)
         except ValueError as e:
             raise ValueError(f"size: {e}") from None
+        problem = size_problem(size, preset(self.preset).target_size) if self.preset in PRESETS else None
+        if problem is not None:
+            raise ValueError(f"size: {problem} ({self.preset})")
+        object.__setattr__(self, "size", str(size))  # frozen: normalised once, here
+
+    @property
+    def samples_size(self) -> bool:
+        """The model draws each image's size (Lumina-mGPT `size: sample`)."""
+        return self.size == SAMPLE
 
     def _folder_family(self) -> "ModelSpec":
         if self.checkpoint is None:
@@ -297,8 +310,9 @@ class ModelSpec:
 
 
 def with_size(cfg: GPTConfig, size: str | None) -> GPTConfig:
-    """cfg with the image grid of a WIDTHxHEIGHT size (16 px a code: H/16 lines of W/16 codes); None: as is."""
-    if size is None:
+    """cfg with the image grid of a WIDTHxHEIGHT size (16 px a code: H/16 lines of W/16 codes); None or "sample"
+    (drawn per image): as is."""
+    if size is None or size == SAMPLE:
         return cfg
     rows, cols = ImageSize.parse(size).grid
     return replace(cfg, grid_size=rows, grid_w=cols)
@@ -345,7 +359,7 @@ def _folder_config(preset_name: str, checkpoint: str, tokenizer: str | None) -> 
         if preset_name in PRESETS:
             _check_size(preset_name, cfg, folder)
             sized = preset(preset_name)  # the preset names the image size (Lumina-mGPT 512/768/1024)
-            cfg = replace(cfg, grid_size=sized.grid_size, grid_w=sized.grid_w)
+            cfg = replace(cfg, grid_size=sized.grid_size, grid_w=sized.grid_w, target_size=sized.target_size)
     if tokenizer is None:
         return cfg
     # A tokenizer of its own: its special ids, and every id must have a row in the prompt embedding.

@@ -19,13 +19,16 @@ position and every row's image token i sits at grid index i, padding or not.
 """
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lineray.kernels.rope import apply_rope, rope_table_1d, rope_table_2d
 from lineray.models.config import GPTConfig
-from lineray.models.family import family_of
+from lineray.models.family import family_of, largest_image_tokens
 from lineray.models.layers import (HeadLayerNorm, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
                                    TPGroup, checkpoint_tensors, merge_parts)
 
@@ -124,8 +127,8 @@ class Transformer(nn.Module):
 
     def _rope_table(self) -> torch.Tensor:
         cfg = self.config
-        if cfg.rope == "1d":
-            return rope_table_1d(cfg.prefix_len + cfg.image_tokens, cfg.head_dim, cfg.rope_base)
+        if cfg.rope == "1d":  # long enough for the largest grid the model makes (for_grid shares it)
+            return rope_table_1d(cfg.prefix_len + largest_image_tokens(cfg), cfg.head_dim, cfg.rope_base)
         return rope_table_2d(cfg.grid_size, cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.prefix_len)
 
     def _apply(self, fn, recurse=True):
@@ -133,9 +136,39 @@ class Transformer(nn.Module):
         dtype): `model.to(bfloat16)` would otherwise round cos/sin to 8 bits. Recomputed, not cast
         back, so it is exact; it follows the device of the other buffers."""
         super()._apply(fn, recurse)
+        self.__dict__.pop("_grid_views", None)  # views hold the old buffers: made again on demand
         if self.rope.dtype != torch.float32:
             self.rope = self._rope_table().to(self.rope.device)
         return self
+
+    def for_grid(self, rows: int, cols: int) -> "Transformer":
+        """This model making images of another grid its family allows (Lumina-mGPT's sizes): a view that
+        shares every parameter and the RoPE table, with the config's grid replaced and the forced tokens
+        recomputed. The decode loop, the cache plan and the forced tokens all read the view's config, so
+        one loaded model serves batches of any allowed grid, one grid per generate call."""
+        cfg = self.config
+        if (rows, cols) == (cfg.grid_h, cfg.grid_width):
+            return self
+        # One view per grid, kept: a captured CUDA graph of the decode step is keyed by the model object.
+        views = self.__dict__.setdefault("_grid_views", {})
+        if (rows, cols) not in views:
+            problem = self.family.grid_problem(cfg, rows, cols)
+            if problem is not None:
+                raise ValueError(problem)
+            view = copy.copy(self)  # shallow: the same submodules and parameters
+            view._buffers = dict(self._buffers)  # its own buffer table, so its forced tokens do not replace ours
+            view.config = replace(cfg, grid_size=rows, grid_w=cols)
+            forced = self.family.forced_tokens(view.config)
+            view.forced_tokens = None if forced is None else forced.to(self.device)
+            views[rows, cols] = view
+        return views[rows, cols]
+
+    def sample_grids(self, cond, seeds: list[int], sampling) -> list[tuple[int, int]]:
+        """Each image's grid drawn by the model from its own seed (a family with size tokens: Lumina-mGPT);
+        cond: prompts ending where the size tokens would follow."""
+        if self.family.sample_grids is None:
+            raise ValueError(f"{self.family.name} models have no size tokens: their image size cannot be sampled")
+        return [tuple(g) for g in self.family.sample_grids(self, cond, seeds, sampling)]
 
     @property
     def prefix_embedder(self) -> nn.Module:
@@ -255,18 +288,19 @@ class Transformer(nn.Module):
         return self.output(self.norm(h[:, P - 1:])).float()
 
     # -- cached generation -----------------------------------------------------
-    def prefill(self, cond: torch.Tensor, cache) -> torch.Tensor:
+    def prefill(self, cond: torch.Tensor, cache, head=None) -> torch.Tensor:
         """Run the condition tokens through the model into the cache (reset with their key mask);
-        logits [rows, V] for image token 0."""
+        logits [rows, V] for image token 0. head: another output head on the last hidden state (Lumina's
+        size tokens); default the model's."""
         h = self.embed_condition(cond).to(self.dtype)
         start = self.start_positions(cache.key_mask, h.size(0))
         cache.position.copy_(start)
-        return self._step(h, self._prefix_rope(start, h.size(1)), cache)
+        return self._step(h, self._prefix_rope(start, h.size(1)), cache, head)
 
-    def decode(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, cache, head=None) -> torch.Tensor:
         """Feed the next image token (one per row) at each row's position; logits [rows, V] for the one after."""
         h = self.image_embedder(tokens).unsqueeze(1)
-        return self._step(h, self.rope[cache.position].unsqueeze(1), cache)
+        return self._step(h, self.rope[cache.position].unsqueeze(1), cache, head)
 
     def decode_static(self, tokens: torch.Tensor, cache) -> torch.Tensor:
         """`decode` with static shapes: positions are the cache's device counters, attention runs over
@@ -280,8 +314,8 @@ class Transformer(nn.Module):
         cache.advance_static()
         return self.output(self.norm(h[:, -1])).float()
 
-    def _step(self, h, rope, cache) -> torch.Tensor:
+    def _step(self, h, rope, cache, head=None) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, cache, i)
         cache.advance(h.size(1))
-        return self.output(self.norm(h[:, -1])).float()
+        return (head or self.output)(self.norm(h[:, -1])).float()

@@ -50,13 +50,14 @@ def resolve_batch_size(job: JobConfig) -> BatchChoice:
 
 
 def job_memory_plan(job: JobConfig):
-    from lineray.models.sizing import memory_plan
+    from lineray.models.sizing import largest_memory_plan
     from lineray.models.spec import parse_dtype
 
     # The dtype the replicas will use; for `auto` on a GPU the driver cannot see, fp32 (the larger one).
     dtype = parse_dtype(job.model.dtype, job.device)
-    # CFG doubles the rows. (Not counted: rows asking their own cfg > 1 in a job without CFG.)
-    return memory_plan(job.model.config(), job.cache, dtype, cfg_rows=job.sampling.uses_cfg, tp=job.tp)
+    # CFG doubles the rows. (Not counted: rows asking their own cfg > 1 in a job without CFG.) Rows may ask
+    # their own image size (Lumina-mGPT): sized for the grid that costs the most per image.
+    return largest_memory_plan(job.model.config(), job.cache, dtype, cfg_rows=job.sampling.uses_cfg, tp=job.tp)
 
 
 def budget_bytes(job: JobConfig) -> tuple[int, str]:

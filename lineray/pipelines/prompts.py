@@ -3,7 +3,8 @@
 A row: `id` (required, unique), then `class` (class-conditional models), `text` /
 `embedding` (LlamaGen t2i, caption features) or `prompt` (text-prompt families such as
 Janus-Pro: the model reads token ids of the prompt), and optionally `seed`, `cfg`
-(guidance scale) and `count` (images for this prompt, default 1). A `prompt` row is
+(guidance scale), `count` (images for this prompt, default 1) and `size` (Lumina-mGPT:
+"WIDTHxHEIGHT" or "sample"; default the job's model.size). A `prompt` row is
 tokenized here, where it is checked (empty, longer than the model's context), so the
 generators receive token ids and never tokenize (benchmarks/text_tokenization.py). Image k of a row gets the seed
 `seed + k` when the row gives one, else a hash of (job seed, id, k): the output
@@ -18,7 +19,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lineray.models.lumina.sizes import SAMPLE  # a row's size the model draws (Lumina-mGPT)
+
 SEED_MASK = 2**63 - 1  # seeds stay non-negative int64 (Parquet, torch.Generator)
+SAMPLED_GRID = (0, 0)  # the grid of an image whose size the model draws: known once generated
 
 
 class RowError(ValueError):
@@ -40,6 +44,8 @@ class RowRules:
     max_prefix_len: int = 0  # "text": the most prompt tokens (template included) a row may have
     # "text": the family's PromptEncoder (encode(texts) -> token id lists); travels with the rules to the reader
     encoder: object = field(default=None, compare=False, repr=False)
+    grid: tuple[int, int] = (0, 0)  # (rows, cols) of a row without `size`: the model's (or the job's model.size)
+    default_size: str | None = None  # the job's model.size ("WxH", "sample") for rows without one; None: the model's
 
     @classmethod
     def for_job(cls, job) -> "RowRules":
@@ -49,7 +55,28 @@ class RowRules:
                    caption_dim=cfg.caption_dim, has_text_encoder=job.text_encoder is not None,
                    default_cfg=job.sampling.cfg_scale, job_seed=job.seed, max_count=job.max_count,
                    columns=tuple(sorted(job.columns.items())), max_prefix_len=cfg.max_prefix_len if text else 0,
-                   encoder=job.model.prompt_encoder() if text else None)
+                   encoder=job.model.prompt_encoder() if text else None,
+                   grid=SAMPLED_GRID if job.model.samples_size else (cfg.grid_h, cfg.grid_width),
+                   default_size=job.model.size)
+
+    def row_size(self, record: dict) -> str | None:
+        """The row's own image size, checked ("WxH" or "sample"); None: the job's."""
+        value = record.get("size")
+        if _missing(value):
+            return None
+        check = getattr(self.encoder, "check_size", None)
+        if check is None:
+            raise RowError(f"bad size {value!r}: this model makes images of one size; leave size out")
+        try:
+            return check(value)
+        except ValueError as e:  # the family's PromptError names the rule
+            raise RowError(f"bad size {value!r}: {e}") from None
+
+    def grid_of(self, size: str | None) -> tuple[int, int]:
+        """(rows, cols) of an image of this size; SAMPLED_GRID when the model draws it."""
+        if size is None:
+            return self.grid
+        return SAMPLED_GRID if size == SAMPLE else self.encoder.grid(size)
 
     def rename(self, record: dict) -> dict:
         """The row with the files' column names mapped to the prompt fields (the mapping wins over a same-named column)."""
@@ -57,16 +84,17 @@ class RowRules:
             return record
         return {**record, **{name: record.get(column) for name, column in self.columns}}
 
-    def prompt_ids(self, text: str) -> list[int]:
-        return encode_prompt(self.encoder, text, self.max_prefix_len)
+    def prompt_ids(self, text: str, size: str | None = None) -> list[int]:
+        return encode_prompt(self.encoder, text, self.max_prefix_len, size or self.default_size)
 
 
-def encode_prompt(encoder, text: str, limit: int) -> list[int]:
-    """A prompt's token ids (the family's template included); RowError if it is empty or longer than `limit`."""
+def encode_prompt(encoder, text: str, limit: int, size: str | None = None) -> list[int]:
+    """A prompt's token ids (the family's template included, for an image of `size` when given: Lumina-mGPT);
+    RowError if it is empty or longer than `limit`."""
     if not isinstance(text, str) or not text.strip():
         raise RowError("empty prompt")
     try:
-        (ids,) = encoder.encode([text])
+        (ids,) = encoder.encode([text]) if size is None else encoder.encode([text], [size])
     except ValueError as e:  # the family's PromptError: it names the problem and the text's start
         raise RowError(str(e)) from None
     if len(ids) > limit:
@@ -86,6 +114,7 @@ class Prompt:
     cfg_scale: float
     count: int
     prompt_ids: list[int] | None = None  # "text": the prompt's token ids
+    grid: tuple[int, int] = (0, 0)  # (rows, cols) of its images; SAMPLED_GRID: the model draws each one's size
 
     def image_seeds(self, job_seed: int) -> list[int]:
         if self.seed is not None:
@@ -151,8 +180,9 @@ def parse_prompt(record: dict, rules: RowRules) -> Prompt:
     if not isinstance(text, str):
         raise RowError(f"bad text {text!r}: must be a string")
     label, embedding, prompt_ids = -1, None, None
+    size = rules.row_size(record)
     if rules.model_type == "text":
-        text, prompt_ids = _text_prompt(record, rules, given)
+        text, prompt_ids = _text_prompt(record, rules, given, size)
     elif rules.model_type == "c2i":
         value = record.get("class")
         if _missing(value):
@@ -182,10 +212,10 @@ def parse_prompt(record: dict, rules: RowRules) -> Prompt:
         if not math.isfinite(cfg_scale) or cfg_scale < 1.0 or isinstance(cfg_value, bool):
             raise RowError(f"bad cfg {cfg_value if isinstance(cfg_value, str) else repr(cfg_value)}: the guidance scale must be a number >= 1")
     count = 1 if _missing(record.get("count")) else _whole(record["count"], "count", 1, rules.max_count + 1)
-    return Prompt(pid, label, text, embedding, seed, cfg_scale, count, prompt_ids)
+    return Prompt(pid, label, text, embedding, seed, cfg_scale, count, prompt_ids, rules.grid_of(size))
 
 
-def _text_prompt(record: dict, rules: RowRules, given: dict) -> tuple[str, list[int]]:
+def _text_prompt(record: dict, rules: RowRules, given: dict, size: str | None) -> tuple[str, list[int]]:
     """The `prompt` of a text-prompt family's row and its token ids."""
     if "prompt" not in record:
         raise RowError(f"missing prompt: this text-to-image model needs a prompt column{_hint(given, 'prompt')}")
@@ -194,7 +224,7 @@ def _text_prompt(record: dict, rules: RowRules, given: dict) -> tuple[str, list[
         raise RowError("empty prompt")
     if not isinstance(value, str):
         raise RowError(f"bad prompt {value!r}: must be text")
-    return value, rules.prompt_ids(value)
+    return value, rules.prompt_ids(value, size)
 
 
 def _hint(record: dict, field: str) -> str:

@@ -21,7 +21,7 @@ from lineray.pipelines.rejects import RejectCounter
 from lineray.pipelines.sink import Output
 from lineray.pipelines.sources import PromptSource, Shard, iter_shards
 
-IMAGE_COLUMNS = ("row", "id", "image_index", "count", "label", "text", "cfg_scale", "seed")
+IMAGE_COLUMNS = ("row", "id", "image_index", "count", "label", "text", "cfg_scale", "seed", "grid_h", "grid_w")
 
 
 def shard_table(shard: Shard, rules: RowRules, errors_meta: dict | None = None) -> pa.Table:
@@ -44,6 +44,9 @@ def shard_table(shard: Shard, rules: RowRules, errors_meta: dict | None = None) 
         "text": pa.array(cols["text"], pa.string()),
         "cfg_scale": pa.array(cols["cfg_scale"], pa.float64()),
         "seed": pa.array(cols["seed"], pa.int64()),
+        # the image's token grid (rows, cols): one per generate call; (0, 0): the model draws the size
+        "grid_h": pa.array(cols["grid_h"], pa.int32()),
+        "grid_w": pa.array(cols["grid_w"], pa.int32()),
     }
     if rules.model_type == "t2i":
         flat = [np.zeros(0, np.float32) if img["embedding"] is None else img["embedding"].reshape(-1)

@@ -251,7 +251,8 @@ def _make_shard(path, relative, rows, rules: RowRules, seen: IdSet, shard_rows: 
         for k, seed in enumerate(p.image_seeds(rules.job_seed)):
             images.append({"row": n, "id": p.id, "image_index": k, "count": p.count, "label": p.label,
                            "text": p.text, "cfg_scale": p.cfg_scale, "seed": seed, "embedding": p.embedding,
-                           "prompt_ids": p.prompt_ids})
+                           "prompt_ids": p.prompt_ids, "grid_h": p.grid[0], "grid_w": p.grid[1]})
+    images.sort(key=lambda img: (img["grid_h"], img["grid_w"]))  # one size after another: batches of one grid
     errors.sort(key=lambda e: e["row"])
     return Shard(shard_key(relative, first_row), path, first_row, len(rows), images, errors)
 

@@ -16,7 +16,8 @@ from lineray.images import png_bytes, to_uint8
 from lineray.models.generate import Condition
 from lineray.models.spec import ModelSpec
 from lineray.pipelines.monitor import stage_report
-from lineray.workers.replica import ReplicaConfig, make_replica
+from lineray.pipelines.prompts import SAMPLED_GRID
+from lineray.workers.replica import ReplicaConfig, make_replica, sample_sizes_then_generate
 
 
 class _Reported:
@@ -45,6 +46,7 @@ class GenerateStage(_Reported):
         self.replica = make_replica(cfg)
         self.sampling = cfg.sampling
         self.model_cfg = cfg.model.config()
+        self.own_grid = (self.model_cfg.grid_h, self.model_cfg.grid_width)
         self.monitor = monitor
         self.group = None
         stage_report(monitor, self.stage)
@@ -61,15 +63,27 @@ class GenerateStage(_Reported):
         start = time.perf_counter()
         n = len(batch["seed"])
         self._begin(n)
-        tokens = np.empty((n, self.model_cfg.image_tokens), dtype=np.int32)
         scales = np.asarray(batch["cfg_scale"], dtype=np.float64)
-        for scale in np.unique(scales):  # one call per guidance scale in the batch (usually one)
-            idx = np.flatnonzero(scales == scale)
-            sampling = replace(self.sampling, cfg_scale=float(scale))
+        grids = batch_grids(batch, self.own_grid)
+        images: list = [None] * n
+        # One call per image grid and guidance scale in the batch (usually one of each): a call runs one grid.
+        for key in np.unique(np.column_stack([grids, scales]), axis=0):
+            idx = np.flatnonzero((grids == key[:2]).all(1) & (scales == key[2]))
+            grid = (int(key[0]), int(key[1]))
+            sampling = replace(self.sampling, cfg_scale=float(key[2]))
             seeds = [int(s) for s in np.asarray(batch["seed"])[idx]]
-            tokens[idx] = self.replica.generate(self.condition(batch, idx), seeds, sampling=sampling).numpy()
+            if grid == SAMPLED_GRID:  # the model draws each image's size, then makes each size's images together
+                prompts = [np.asarray(batch["prompt_ids"][i]).tolist() for i in idx]
+                tokens, drawn = sample_sizes_then_generate(self.replica, prompts, seeds, sampling)
+                grids[idx] = drawn
+            else:
+                tokens = self.replica.generate(self.condition(batch, idx), seeds, sampling=sampling,
+                                               grid=None if grid == self.own_grid else grid)
+            for j, i in enumerate(idx):
+                images[i] = tokens[j].numpy()
         out = {k: v for k, v in batch.items() if k not in ("embedding", "embedding_tokens", "prompt_ids")}
-        out["tokens"] = tokens
+        out["tokens"] = padded(images)
+        out["grid_h"], out["grid_w"] = grids[:, 0].astype(np.int32), grids[:, 1].astype(np.int32)
         out["generate_s"] = np.full(n, (time.perf_counter() - start) / n)  # for progress: generator busy time
         self._end(n)
         self._report_group()
@@ -98,37 +112,68 @@ class GenerateStage(_Reported):
 
 
 class DecodeStage(_Reported):
-    """Image tokens -> uint8 pixels [B, H, W, 3] with the model's VQ decoder, on the GPU when the plan gave it one."""
+    """Image tokens -> uint8 pixels [B, H, W, 3] with the model's VQ decoder, on the GPU when the plan gave it one.
+    Images of several sizes (Lumina-mGPT) are decoded one grid at a time and padded to the batch's largest, with
+    each one's `height` and `width`."""
     stage = "decode"
 
     def __init__(self, model: ModelSpec, device: str = "cpu", monitor=None):
         self.decoder = model.build_decoder(device=device)
-        cfg = model.config()
         # By line as generated: a family with end-of-line tokens (Lumina) has them last; its decoder drops them.
-        self.grid = (cfg.grid_h, cfg.line_tokens)
+        cfg = model.config()
+        self.line_extra, self.own_grid = cfg.line_extra, (cfg.grid_h, cfg.grid_width)
         self.device = device
         self.monitor = monitor
         stage_report(monitor, self.stage)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self._begin(len(batch["tokens"]))
-        codes = torch.from_numpy(np.asarray(batch["tokens"], dtype=np.int64)).view(-1, *self.grid)
-        with torch.inference_mode():
-            pixels = to_uint8(self.decoder.decode_codes(codes.to(self.device)))
+        tokens = np.asarray(batch["tokens"], dtype=np.int64)
+        self._begin(len(tokens))
+        grids = batch_grids(batch, self.own_grid)
+        images: list = [None] * len(tokens)
+        for rows, cols in np.unique(grids, axis=0):
+            idx = np.flatnonzero((grids == (rows, cols)).all(1))
+            n_tok = int(rows) * (int(cols) + self.line_extra)
+            codes = torch.from_numpy(tokens[idx, :n_tok]).view(len(idx), int(rows), int(cols) + self.line_extra)
+            with torch.inference_mode():
+                pixels = to_uint8(self.decoder.decode_codes(codes.to(self.device)))
+            for j, i in enumerate(idx):
+                images[i] = pixels[j]
         out = {k: v for k, v in batch.items() if k != "tokens"}
-        out["pixels"] = pixels
-        self._end(len(pixels))
+        out["height"] = np.array([im.shape[0] for im in images], dtype=np.int32)
+        out["width"] = np.array([im.shape[1] for im in images], dtype=np.int32)
+        out["pixels"] = padded(images, fill=0)
+        self._end(len(images))
         return out
 
 
+def batch_grids(batch: dict[str, np.ndarray], own: tuple[int, int]) -> np.ndarray:
+    """[n, 2] (rows, cols) of each image: the reader's grid columns, or the model's own grid for a batch without."""
+    if "grid_h" not in batch:
+        return np.tile(np.asarray(own, dtype=np.int64), (len(batch["seed"]), 1))
+    return np.stack([np.asarray(batch["grid_h"]), np.asarray(batch["grid_w"])], axis=1).astype(np.int64)
+
+
+def padded(arrays: list[np.ndarray], fill: int = -1) -> np.ndarray:
+    """Arrays of one rank stacked, each padded at the end of every axis to the largest (`fill`): a batch
+    column of tokens or pixels whose images have different sizes (their true sizes travel beside them)."""
+    shape = tuple(max(a.shape[d] for a in arrays) for d in range(arrays[0].ndim))
+    if all(a.shape == shape for a in arrays):
+        return np.stack(arrays)
+    out = np.full((len(arrays), *shape), fill, dtype=arrays[0].dtype)
+    for i, a in enumerate(arrays):
+        out[(i, *(slice(0, n) for n in a.shape))] = a
+    return out
+
+
 def encode_png(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """uint8 pixels -> PNG bytes, width and height (a stateless Ray task)."""
+    """uint8 pixels (padded to the batch's largest; each image's `height` x `width`) -> PNG bytes (a stateless
+    Ray task)."""
     pixels = np.asarray(batch["pixels"])
+    heights, widths = np.asarray(batch["height"]), np.asarray(batch["width"])
     out = {k: v for k, v in batch.items() if k != "pixels"}
     png = np.empty(len(pixels), dtype=object)
     for i, image in enumerate(pixels):
-        png[i] = png_bytes(image)
+        png[i] = png_bytes(image[:heights[i], :widths[i]])
     out["png"] = png
-    out["height"] = np.full(len(pixels), pixels.shape[1], dtype=np.int32)
-    out["width"] = np.full(len(pixels), pixels.shape[2], dtype=np.int32)
     return out

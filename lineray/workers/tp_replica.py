@@ -186,15 +186,26 @@ class TPReplica:
     def model_config(self):
         return self.cfg.model.config()
 
-    def generate(self, cond: Condition, seeds: list[int], on_step=None, sampling=None) -> torch.Tensor:
+    def generate(self, cond: Condition, seeds: list[int], on_step=None, sampling=None, grid=None) -> torch.Tensor:
         """Tokens [B, N] (CPU) for the batch; on_step(i) is called in this process as tokens complete.
-        `sampling` overrides the replica's for this batch (e.g. a per-prompt cfg scale)."""
-        results = self._run(cond, seeds, on_step, "generate", sampling=sampling)
-        tokens = results[0]
+        `sampling` overrides the replica's for this batch (e.g. a per-prompt cfg scale); `grid` (rows, cols): the
+        batch's image grid (Lumina-mGPT's sizes)."""
+        cfg = self.model_config
+        steps = None if grid is None else grid[0] * (grid[1] + cfg.line_extra)
+        results = self._run(cond, seeds, on_step, "generate", steps=steps, sampling=sampling, grid=grid)
+        return self._same_on_every_rank(results, "tokens")
+
+    def sample_grids(self, cond: Condition, seeds: list[int], sampling=None) -> list:
+        """Each image's grid, drawn by the model on every rank (see replica.sample_sizes_then_generate)."""
+        return self._same_on_every_rank(self._run(cond, seeds, None, "sample_grids", steps=0, sampling=sampling),
+                                        "image sizes")
+
+    def _same_on_every_rank(self, results: list, what: str):
+        first = results[0]
         for r, t in enumerate(results[1:], start=1):
-            if not torch.equal(t, tokens):  # lockstep broken: should never happen
-                raise ReplicaError(f"{self.name}: rank {r} sampled different tokens from rank 0")
-        return tokens
+            if not (torch.equal(t, first) if torch.is_tensor(first) else t == first):  # lockstep broken: never
+                raise ReplicaError(f"{self.name}: rank {r} sampled different {what} from rank 0")
+        return first
 
     def memory(self):
         """Rank 0's cache MemoryReport (every rank holds the same share); None before the first batch."""
@@ -226,7 +237,7 @@ class TPReplica:
             self._ensure_started()
             try:
                 results = self._run_once(method, cond, list(seeds), progress, kwargs)
-                progress.update(steps or self.model_config.image_tokens)
+                progress.update(self.model_config.image_tokens if steps is None else steps)
                 return results
             except _WorkerFailure as e:
                 failures.append(str(e))

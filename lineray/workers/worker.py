@@ -23,7 +23,7 @@ import ray
 import torch
 
 from lineray.cache.kv import MemoryReport
-from lineray.models.generate import Condition, Generation, generate_tokens, new_cache
+from lineray.models.generate import Condition, Generation, generate_tokens, new_cache, reusable_cache
 from lineray.models.layers import TPGroup, checkpoint_tensors
 from lineray.workers.config import ReplicaConfig
 from lineray.workers.devices import make_current, setup_device
@@ -134,18 +134,27 @@ class TPWorker:
         return tp
 
     # -- work ------------------------------------------------------------------
-    def generate(self, cond: Condition, seeds: list[int], batch_id=None, sampling=None) -> torch.Tensor:
-        """Tokens [B, N] on CPU. `sampling` overrides the replica's for this batch (per-prompt cfg scale)."""
-        return self._generate(cond, seeds, batch_id, sampling).tokens.cpu()
+    def generate(self, cond: Condition, seeds: list[int], batch_id=None, sampling=None, grid=None) -> torch.Tensor:
+        """Tokens [B, N] on CPU. `sampling` overrides the replica's for this batch (per-prompt cfg scale);
+        `grid` (rows, cols): the batch's image grid (Lumina-mGPT's sizes)."""
+        return self._generate(cond, seeds, batch_id, sampling, grid=grid).tokens.cpu()
+
+    def sample_grids(self, cond: Condition, seeds: list[int], batch_id=None, sampling=None) -> list:
+        """Each image's grid drawn by the model (every rank draws the same: gathered logits, the same seeds)."""
+        make_current(self.device)
+        self.progress.start(batch_id)
+        return self.model.sample_grids(cond, seeds, sampling or self.cfg.sampling)
 
     def _generate(self, cond: Condition, seeds: list[int], batch_id, sampling, *, return_logits: bool = False,
-                  on_step=None) -> Generation:
+                  on_step=None, grid=None) -> Generation:
         make_current(self.device)  # the actor runs methods on a pool of threads
         sampling = sampling or self.cfg.sampling
+        model = self.model if grid is None else self.model.for_grid(*grid)
         rows = len(cond) * (2 if sampling.uses_cfg else 1)
+        self._cache = reusable_cache(self._cache, model, self.cfg.cache)
         if self._cache is None or self._cache.rows != rows:
             self._cache = None  # free the old one first
-            self._cache = new_cache(self.model, self.cfg.cache, rows, sampling.uses_cfg)
+            self._cache = new_cache(model, self.cfg.cache, rows, sampling.uses_cfg)
         self.progress.start(batch_id)
 
         def step(i: int) -> None:
@@ -153,7 +162,7 @@ class TPWorker:
             if on_step is not None:
                 on_step(i)
 
-        return generate_tokens(self.model, cond, seeds, sampling=sampling, cache=self._cache,
+        return generate_tokens(model, cond, seeds, sampling=sampling, cache=self._cache,
                                return_logits=return_logits, on_step=step)
 
     # -- sentinel and reports ----------------------------------------------------

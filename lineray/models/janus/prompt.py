@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lineray.models.tokenizer_file import TOKENIZER_FILE, TokenizerFileError, read_tokenizer
+
 TEMPLATE = "<|User|>: {prompt}\n\n<|Assistant|>:"
 BOI_TOKEN = "<begin_of_image>"
 CFG_PAD_TOKEN = "<｜▁pad▁｜>"
 DEFAULT_BOS_TOKEN = "<｜begin▁of▁sentence｜>"
-TOKENIZER_FILE = "tokenizer.json"
 
 
 class PromptError(ValueError):
@@ -44,16 +45,14 @@ class PromptEncoder:
     @classmethod
     def from_folder(cls, folder: str | Path, max_tokens: int | None = None) -> "PromptEncoder":
         """The tokenizer of a Janus-Pro checkpoint folder (its tokenizer.json)."""
-        from tokenizers import Tokenizer
         path = Path(folder) / TOKENIZER_FILE
         if not path.is_file():
             raise PromptError(f"{folder}: no {TOKENIZER_FILE} (Janus-Pro prompts are tokenized with the "
                               f"checkpoint's own tokenizer; copy it into the folder)")
         try:
-            tokenizer = Tokenizer.from_file(str(path))
-        except Exception as e:  # noqa: BLE001 - the library's parse errors, in one line
-            raise PromptError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
-                from None
+            tokenizer = read_tokenizer(path)
+        except TokenizerFileError as e:
+            raise PromptError(str(e)) from None
         return cls(tokenizer, bos_token_name(Path(folder)), max_tokens, source=str(path))
 
     def _id(self, token: str, what: str) -> int:

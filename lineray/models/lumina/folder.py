@@ -26,6 +26,7 @@ from lineray.models.config import GPTConfig, round_up
 from lineray.models.checkpoint import CheckpointReader, KeyMap, KeyMappedReader, Source
 from lineray.models.layers import TPGroup
 from lineray.models.lumina.vocab import LuminaVocab
+from lineray.models.tokenizer_file import TokenizerFileError, read_tokenizer
 
 ARCHITECTURES = ("ChameleonXLLMXForConditionalGeneration", "ChameleonForConditionalGeneration")
 SKIPPED_PREFIXES = ("model.vqmodel.",)  # the VQ encoder transformers keeps; never used for generation
@@ -79,8 +80,10 @@ def read_vocab(folder: str | os.PathLike, hf_config: dict | None = None) -> Lumi
         tok = folder / "tokenizer.json"
         if not tok.is_file():
             raise LuminaFolderError(f"{folder}: config.json has no vocabulary_map and there is no tokenizer.json")
-        from tokenizers import Tokenizer
-        names, source = Tokenizer.from_file(str(tok)).get_vocab(with_added_tokens=True), str(tok)
+        try:
+            names, source = read_tokenizer(tok).get_vocab(with_added_tokens=True), str(tok)
+        except TokenizerFileError as e:
+            raise LuminaFolderError(str(e)) from None
     return LuminaVocab.from_names(names, cfg["vocab_size"], source=source)
 
 
@@ -153,8 +156,20 @@ def read_folder(folder: str | os.PathLike, base: GPTConfig | None = None,
                   text_vocab_size=vocab.vocab_size, image_token_range=(vocab.image_start, vocab.image_stop),
                   line_token_id=vocab.end_of_line, vocab_size=max(vocab.image_stop, vocab.end_of_line + 1),
                   bos_token_id=vocab.bos, max_prefix_len=max_prefix_len or base.max_prefix_len,
-                  **ffn_fields(dim, int(hf["intermediate_size"])))
+                  size_token_ids=size_token_ids(vocab, base.target_size), **ffn_fields(dim, int(hf["intermediate_size"])))
     return cfg, vocab
+
+
+def size_token_ids(vocab: LuminaVocab, target_px: int) -> tuple[int, ...]:
+    """Ids of the size tokens for 1, 2, ... x 32 px, up to the longest side of the target's crop sizes (as far as
+    the vocabulary has them without a gap: a tiny test vocabulary holds a few)."""
+    from lineray.models.lumina.sizes import longest_side
+    ids = []
+    for g in range(1, longest_side(target_px) + 1):
+        if g not in vocab.size_ids:
+            break
+        ids.append(vocab.size_ids[g])
+    return tuple(ids)
 
 
 def lm_reader(folder: str | os.PathLike, config: GPTConfig) -> KeyMappedReader:

@@ -96,7 +96,8 @@ def save_state(path: Path, model, opt, step: int, history: list, seconds: float,
 
 def load_state(path: Path, model, opt, cfg: TrainConfig) -> tuple[int, list, float]:
     state = torch.load(path, map_location="cpu", weights_only=True)
-    theirs, ours = json.loads(state["fingerprint"]), cfg.fingerprint()
+    # both as JSON gives them (a config's tuples come back as lists)
+    theirs, ours = json.loads(state["fingerprint"]), json.loads(json.dumps(cfg.fingerprint()))
     diff = {k: (theirs.get(k), ours.get(k)) for k in ours if k != "steps" and theirs.get(k) != ours.get(k)}
     if diff:
         raise SystemExit(f"{path} was written by a run with other settings {diff} (checkpoint, this run); "
