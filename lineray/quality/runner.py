@@ -51,14 +51,14 @@ class EvalRow:
     images_per_s: float
 
 
-def cache_rows(policies=POLICIES, budgets=BUDGETS, linear_decays=()) -> list[tuple[str, CacheSpec]]:
-    """(budget label, spec): the full cache first, then every policy at every budget, then linear with
-    each score_decay in `linear_decays` at every budget."""
+def cache_rows(policies=POLICIES, budgets=BUDGETS, linear_decays=(), linear_budgets=None) -> list[tuple[str, CacheSpec]]:
+    """(budget label, spec): the full cache first, then every policy at every budget (linear at
+    `linear_budgets` if given), then linear with each score_decay in `linear_decays` at every budget."""
     rows = [("1", CacheSpec("full"))]
     for policy in policies:
         if policy == "full":
             continue
-        for b in budgets:
+        for b in (linear_budgets or budgets) if policy == "linear" else budgets:
             rows.append((b, CacheSpec(policy, rho=float(Fraction(b)))))
     for decay in linear_decays:
         rows += [(b, CacheSpec("linear", rho=float(Fraction(b)), score_decay=decay)) for b in budgets]
@@ -144,7 +144,7 @@ def sample_images(bench: Bench, spec: CacheSpec, sampling: SamplingConfig, label
 
 def evaluate(model_dir: str | Path | None = None, *, bundle: str = "digits", judge: str | Path | None = None,
              samples: int = 1000, batch_size: int = 500, sampling: SamplingConfig | None = None, policies=POLICIES,
-             budgets=BUDGETS, linear_decays=(), seed: int = 0, spread: bool = True, heldout: int | None = None,
+             budgets=BUDGETS, linear_budgets=None, linear_decays=(), seed: int = 0, spread: bool = True, heldout: int | None = None,
              out_dir: str | Path | None = None, progress: bool = True) -> list[EvalRow]:
     """Evaluate every cache row; write the table, CSV, plot and sample grids when out_dir is given.
 
@@ -159,7 +159,7 @@ def evaluate(model_dir: str | Path | None = None, *, bundle: str = "digits", jud
     seed_sets = {"A": [seed + i for i in range(samples)]}
     if spread:
         seed_sets["B"] = [seed + SEED_SET_OFFSET + i for i in range(samples)]
-    runs = [(budget, spec, "A") for budget, spec in cache_rows(policies, budgets, linear_decays)]
+    runs = [(budget, spec, "A") for budget, spec in cache_rows(policies, budgets, linear_decays, linear_budgets)]
     if spread:
         runs.insert(1, ("1", CacheSpec("full"), "B"))
     rows, grids = [], {}
@@ -317,6 +317,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=500, help="images generated together")
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES), help="cache policies to compare")
     p.add_argument("--budgets", nargs="+", default=list(BUDGETS), help="fractions of the image lines, e.g. 1/4")
+    p.add_argument("--linear-budgets", nargs="+", default=None,
+                   help="budgets of the linear rows (default: --budgets), e.g. 1/2 1/4 1/6 1/8 beside baselines at 1/4 1/6 1/8")
     p.add_argument("--linear-decays", nargs="+", type=float, default=[],
                    help="also rows of linear with these score_decay values (0 < d <= 1) at every budget")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i")
@@ -346,7 +348,7 @@ def run(args) -> int:
     bundle = bundle_module(args.bundle)
     if args.threads:
         torch.set_num_threads(args.threads)
-    for b in args.budgets:
+    for b in [*args.budgets, *(args.linear_budgets or [])]:
         try:
             if not 0 < Fraction(b) < 1:
                 raise ValueError
@@ -355,7 +357,7 @@ def run(args) -> int:
     base = bundle.model_sampling((args.model_dir or bundle.ASSET_DIR) / bundle.GPT_JSON)
     sampling = sampling_from_args(args, base)
     evaluate(args.model_dir, bundle=args.bundle, judge=args.judge, spread=not args.no_spread, samples=args.samples, batch_size=args.batch_size,
-             sampling=sampling, policies=args.policies, budgets=args.budgets, linear_decays=args.linear_decays, seed=args.seed,
+             sampling=sampling, policies=args.policies, budgets=args.budgets, linear_budgets=args.linear_budgets, linear_decays=args.linear_decays, seed=args.seed,
              heldout=args.heldout, out_dir=args.out, progress=not args.no_progress)
     print((args.out / "quality.md").read_text())
     print(f"wrote {args.out}/quality.csv, quality_vs_budget.png, samples_<policy>.png")
