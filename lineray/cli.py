@@ -22,7 +22,7 @@ import lineray
 FLAGS = {
     **{k: f"model.{k}" for k in ("preset", "checkpoint", "decoder", "tokenizer", "grid_size", "size", "dtype", "ema")},
     **{k: f"cache.{k}" for k in ("policy", "rho", "lines", "recent_lines", "anchor_lines", "pool",
-                                 "head_aggregate", "cfg_shared")},
+                                 "head_aggregate", "cfg_shared", "score_decay")},
     **{k: f"sampling.{k}" for k in ("cfg_scale", "cfg_interval", "temperature", "top_k", "top_p")},
     **{k: k for k in ("source", "output", "format", "replicas", "tp", "device", "batch_size", "memory_budget_gib",
                       "max_batch_size", "seed", "shard_rows", "text_encoder", "max_error_fraction", "overwrite",
@@ -70,6 +70,8 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pool", type=int, help="odd 2D neighbourhood size for score pooling")
     g.add_argument("--head-aggregate", action="store_true", default=None, help="one selection for all heads of a row")
     g.add_argument("--cfg-shared", action="store_true", default=None, help="uncond CFG rows keep what the cond row keeps")
+    g.add_argument("--score-decay", type=float, help="linear: share of a token's score kept at each line end "
+                   "(0 = only the last line's attention, LineAR as published; 1 = all since it was written)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:

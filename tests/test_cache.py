@@ -168,6 +168,47 @@ def test_anchor_line_window_and_heavy_hitter():
     assert 0 in hh.kept_positions(0)[0, 0].tolist()
 
 
+def test_score_decay_keeps_a_fading_share_of_older_lines_attention():
+    # 4-wide grid, budget 3 lines, R = 1: at the end of line 3, 8 of lines 0-2's 12 tokens stay. Token 1
+    # is attended hard (10 in all) while line 0 is written, never after; lines 1 and 2 get 0.1 per query
+    # from then on. LineAR as published (decay 0) scores by line 3's attention only: lines 1-2 win, token 1
+    # goes. Carried over at decay 0.5, token 1 still has 10 * 0.5**3 = 1.25 at line 3's end, more than
+    # any token of lines 1-2 (<= 0.4 + 0.2 + 0.1), and stays.
+    def run(decay):
+        cache = hand_cache(CacheSpec("linear", lines=3, recent_lines=1, score_decay=decay))
+        cache.reset()
+        cache.attend(0, *(torch.zeros(2, 2, 2, 4),) * 3)
+        cache.advance(2)
+        for i in range(4 * 4):  # four lines: one eviction, at the end of line 3
+            write_token(cache, i)
+            if i < 4:  # line 0 being written: token 1 is the hot one
+                cache.scores[..., 3] += 10.0 / 4
+            else:  # afterwards lines 1 and 2 (grid 4..11, wherever their slots are) get 0.1 a query
+                held = cache.pos[..., :cache.n + 1]
+                cache.scores[..., :cache.n + 1] += 0.1 * ((held >= 4) & (held < 12)).float()
+            cache.advance(1)
+        return cache.kept_positions(0)[0, 0].tolist()
+
+    assert run(0.0) == list(range(4, 16))
+    kept = run(0.5)
+    assert 1 in kept and len(kept) == 12 and kept[-4:] == [12, 13, 14, 15]
+
+
+def test_linear_with_its_full_score_kept_is_heavy_hitter_with_linear_layout():
+    # decay 1 accumulates every query's attention, as heavy_hitter's score does: with the same layout
+    # (one recent line, the rest scored) the two policies keep the same tokens and sample the same image.
+    model = tiny_model(8)
+    cond = Condition.classes([1, 2, 3])
+    carried = generate_tokens(model, cond, [1, 2, 3], sampling=SAMPLING, return_logits=True,
+                              cache_spec=CacheSpec("linear", lines=3, score_decay=1.0))
+    hh = generate_tokens(model, cond, [1, 2, 3], sampling=SAMPLING, return_logits=True,
+                         cache_spec=CacheSpec("heavy_hitter", lines=3, recent_lines=1))
+    forgetting = generate_tokens(model, cond, [1, 2, 3], sampling=SAMPLING, return_logits=True,
+                                 cache_spec=CacheSpec("linear", lines=3))
+    assert torch.equal(carried.logits, hh.logits) and torch.equal(carried.tokens, hh.tokens)
+    assert not torch.equal(carried.logits, forgetting.logits)  # the score matters at this budget
+
+
 def test_score_pooling_favours_neighbourhoods():
     # 4-wide grid; line 0 (tokens 0-3) scores 1, token 5 scores 3, the rest 0. Budget 3 lines, R=2:
     # 4 of tokens 0..7 survive. Alone, 5 and three of 0..3 win. Summed over 3x3 neighbourhoods,
@@ -198,6 +239,8 @@ def test_score_pooling_favours_neighbourhoods():
     (dict(policy="lru", rho=0.5), "unknown cache policy 'lru'"),
     (dict(policy="linear", rho=0.5, pool=2), "pool must be an odd size"),
     (dict(policy="linear", lines=0), "cache lines must be >= 1"),
+    (dict(policy="linear", rho=0.5, score_decay=1.5), r"score_decay must be in \[0, 1\]"),
+    (dict(policy="heavy_hitter", rho=0.5, score_decay=0.5), "score_decay applies to the linear policy"),
 ])
 def test_invalid_settings_fail_at_configuration(kw, message):
     with pytest.raises(CacheConfigError, match=message):

@@ -65,6 +65,11 @@ def test_cache_rows_cover_every_policy_and_budget():
     lines = {(s.policy, b): s.plan(16, 16, 256).budget_lines for b, s in rows[1:]}
     assert lines[("linear", "1/2")] == 8 and lines[("linear", "1/4")] == 4
     assert lines[("window", "1/6")] == 3 and lines[("heavy_hitter", "1/8")] == 2
+    with_decay = cache_rows(budgets=["1/4", "1/8"], linear_decays=[0.5], linear_budgets=["1/2", "1/4", "1/8"])
+    assert [(b, s.policy) for b, s in with_decay[1:4]] == [("1/2", "linear"), ("1/4", "linear"), ("1/8", "linear")]
+    assert [b for b, s in with_decay if s.policy == "window"] == ["1/4", "1/8"]
+    assert [(b, s.label) for b, s in with_decay[-2:]] == [("1/4", "linear decay 0.5"), ("1/8", "linear decay 0.5")]
+    assert with_decay[-1][1].score_decay == 0.5 and with_decay[1][1].label == "linear"
 
 
 @pytest.mark.timeout(300)

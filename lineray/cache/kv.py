@@ -213,7 +213,10 @@ class KVCache:
                 self._compact(layer, torch.cat(parts, dim=-1))  # [rows, heads, budget] slots in generation order
             self._set_fill(P + plan.budget, self.visual_written)
         if plan.scoring == "line" and self.scores is not None:
-            self.scores.zero_()
+            if spec.score_decay:  # older lines' attention fades instead of being forgotten
+                self.scores.mul_(spec.score_decay)
+            else:
+                self.scores.zero_()
 
     def _selection_scores(self, layer: int, lo: int, hi: int) -> torch.Tensor:
         """One layer's scores of candidate slots [lo, hi) as [rows, heads, hi - lo], after pooling and sharing."""

@@ -54,6 +54,10 @@ class CacheSpec:
     head_aggregate: bool = False  # one selection for all (local) heads of a row instead of one per head
     pool: int = 1  # odd size of the 2D neighbourhood the scores are summed over (1 = none)
     cfg_shared: bool = False  # unconditional CFG rows keep what their conditional row keeps
+    # linear: the share of a token's score carried over at each line end. 0 (LineAR as published): only the
+    # attention of the line just written counts; 1: all attention since the token was written (H2O's score
+    # with LineAR's layout); in between, older lines' attention fades geometrically.
+    score_decay: float = 0.0
 
     @field_validator("rho", mode="before")
     @classmethod
@@ -100,8 +104,17 @@ class CacheSpec:
                 f"({recent} recent + {self.anchor_lines} anchor)")
         if self.pool < 1 or self.pool % 2 == 0:
             raise CacheConfigError(f"pool must be an odd size >= 1, got {self.pool}")
+        if not 0.0 <= self.score_decay <= 1.0:
+            raise CacheConfigError(f"score_decay must be in [0, 1], got {self.score_decay:g}")
+        if self.score_decay and self.policy != "linear":
+            raise CacheConfigError(f"score_decay applies to the linear policy (its per-line score), not {self.policy!r}")
         scoring = {"linear": "line", "heavy_hitter": "cumulative", "window": None}[self.policy]
         return CachePlan(self, grid_h, grid_w, budget_lines=lines, recent_lines=recent, scoring=scoring)
+
+    @property
+    def label(self) -> str:
+        """The policy's name in tables: 'linear', or 'linear decay 0.5' for a non-default score_decay."""
+        return self.policy if not self.score_decay else f"{self.policy} decay {self.score_decay:g}"
 
     def with_overrides(self, **kw) -> "CacheSpec":
         return replace(self, **{k: v for k, v in kw.items() if v is not None})

@@ -83,6 +83,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     p.add_argument("--budgets", nargs="+", default=["1/4", "1/6", "1/8"])
+    p.add_argument("--linear-decays", nargs="+", type=float, default=[],
+                   help="also linear with these score_decay values (the share of a score kept at each line end)")
     p.add_argument("--line-ends", nargs="+", type=int, default=[15, 17, 19, 21],
                    help="report after these lines' evictions (line 15 + j precedes the copy of line j)")
     p.add_argument("--out", type=Path, default=None, help="directory for keeps_<budget>.png")
@@ -100,13 +102,15 @@ def main(argv=None) -> int:
               f"each layer holds after line e; mean over {args.samples} images and all heads")
         header = "| policy | after line | " + " | ".join(f"layer {i}" for i in range(model.config.n_layer)) + " |"
         print(header + "\n|" + "---|" * (model.config.n_layer + 2))
-        for policy in args.policies:
-            spec = CacheSpec(policy, rho=float(Fraction(budget)))
+        rho = float(Fraction(budget))
+        specs = [CacheSpec(policy, rho=rho) for policy in args.policies]
+        specs += [CacheSpec("linear", rho=rho, score_decay=d) for d in args.linear_decays]
+        for spec in specs:
             tokens, held = held_masks(model, spec, labels, seeds, sampling, args.line_ends)
             recall = needed_ink_recall(tokens, held, args.line_ends, grid)
             for k, e in enumerate(args.line_ends):
-                print(f"| {policy} | {e} | " + " | ".join(f"{v:.2f}" for v in recall[k].tolist()) + " |")
-            maps[policy] = held[0].mean(1).view(model.config.n_layer, grid, grid)  # after the first line end
+                print(f"| {spec.label} | {e} | " + " | ".join(f"{v:.2f}" for v in recall[k].tolist()) + " |")
+            maps[spec.label] = held[0].mean(1).view(model.config.n_layer, grid, grid)  # after the first line end
         if args.out is not None:
             plot_maps(maps, args.out / f"keeps_{budget.replace('/', '-')}.png",
                       f"shapes-24, budget {budget}: cells held after line {args.line_ends[0]} (share of images x heads)")

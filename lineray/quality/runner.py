@@ -51,15 +51,23 @@ class EvalRow:
     images_per_s: float
 
 
-def cache_rows(policies=POLICIES, budgets=BUDGETS) -> list[tuple[str, CacheSpec]]:
-    """(budget label, spec): the full cache first, then every policy at every budget."""
+def cache_rows(policies=POLICIES, budgets=BUDGETS, linear_decays=(), linear_budgets=None) -> list[tuple[str, CacheSpec]]:
+    """(budget label, spec): the full cache first, then every policy at every budget (linear at
+    `linear_budgets` if given), then linear with each score_decay in `linear_decays` at every budget."""
     rows = [("1", CacheSpec("full"))]
     for policy in policies:
         if policy == "full":
             continue
-        for b in budgets:
+        for b in (linear_budgets or budgets) if policy == "linear" else budgets:
             rows.append((b, CacheSpec(policy, rho=float(Fraction(b)))))
+    for decay in linear_decays:
+        rows += [(b, CacheSpec("linear", rho=float(Fraction(b)), score_decay=decay)) for b in budgets]
     return rows
+
+
+def slug(label: str) -> str:
+    """A row label as a file name part: 'linear decay 0.5' -> 'linear-decay-0.5'."""
+    return label.replace(" ", "-").replace("/", "-")
 
 
 def load_model(bundle: str = "digits", model_dir: str | Path | None = None):
@@ -136,7 +144,7 @@ def sample_images(bench: Bench, spec: CacheSpec, sampling: SamplingConfig, label
 
 def evaluate(model_dir: str | Path | None = None, *, bundle: str = "digits", judge: str | Path | None = None,
              samples: int = 1000, batch_size: int = 500, sampling: SamplingConfig | None = None, policies=POLICIES,
-             budgets=BUDGETS, seed: int = 0, spread: bool = True, heldout: int | None = None,
+             budgets=BUDGETS, linear_budgets=None, linear_decays=(), seed: int = 0, spread: bool = True, heldout: int | None = None,
              out_dir: str | Path | None = None, progress: bool = True) -> list[EvalRow]:
     """Evaluate every cache row; write the table, CSV, plot and sample grids when out_dir is given.
 
@@ -151,7 +159,7 @@ def evaluate(model_dir: str | Path | None = None, *, bundle: str = "digits", jud
     seed_sets = {"A": [seed + i for i in range(samples)]}
     if spread:
         seed_sets["B"] = [seed + SEED_SET_OFFSET + i for i in range(samples)]
-    runs = [(budget, spec, "A") for budget, spec in cache_rows(policies, budgets)]
+    runs = [(budget, spec, "A") for budget, spec in cache_rows(policies, budgets, linear_decays, linear_budgets)]
     if spread:
         runs.insert(1, ("1", CacheSpec("full"), "B"))
     rows, grids = [], {}
@@ -165,14 +173,14 @@ def evaluate(model_dir: str | Path | None = None, *, bundle: str = "digits", jud
     for budget, spec, seed_set in runs:
         plan = spec.plan(cfg.grid_size, cfg.grid_size, cfg.image_tokens)
         bar.set_postfix_str(f"{plan.describe()}, seeds {seed_set}")
-        done_file = None if done_dir is None else done_dir / f"{spec.policy}_{budget.replace('/', '-')}_{seed_set}.pt"
+        done_file = None if done_dir is None else done_dir / f"{slug(spec.label)}_{slug(budget)}_{seed_set}.pt"
         done = finished_row(done_file, settings)
         if done is not None:
             rows.append(EvalRow(**done["row"]))
             if ref_logits is None:
                 ref_logits, ref_tokens = done["logits"], done["tokens"]
             if "grid" in done:
-                grids[(spec.policy, budget)] = done["grid"].numpy()
+                grids[(spec.label, budget)] = done["grid"].numpy()
             bar.update(samples)
             continue
         # Teacher forcing does not depend on the seeds: the second full row reuses the first's logits.
@@ -184,7 +192,7 @@ def evaluate(model_dir: str | Path | None = None, *, bundle: str = "digits", jud
             ref_logits, ref_tokens = logits, tokens
         predicted, features = bench.judge.predict(images)
         rows.append(EvalRow(
-            policy=spec.policy, budget=budget, kv_lines=plan.budget_lines, seeds=seed_set,
+            policy=spec.label, budget=budget, kv_lines=plan.budget_lines, seeds=seed_set,
             heldout_nll=metrics.token_nll(logits, bench.heldout_tokens),
             kl_vs_full=float(metrics.kl_divergence(ref_logits, logits).mean()),
             top1_vs_full=metrics.top1_agreement(ref_logits, logits),
@@ -196,13 +204,13 @@ def evaluate(model_dir: str | Path | None = None, *, bundle: str = "digits", jud
         if seed_set == "A":
             # Two of each class per row for the policy sheets; ten of each for the full cache's own sheet.
             keep = (10 if spec.policy == "full" else 2) * cfg.num_classes
-            grids[(spec.policy, budget)] = to_uint8(images[:min(samples, keep)])
+            grids[(spec.label, budget)] = to_uint8(images[:min(samples, keep)])
         if done_file is not None:
             keep_row = dict(settings=settings, row=asdict(rows[-1]), tokens=tokens)
             if logits is ref_logits and seed_set == "A":
                 keep_row["logits"] = logits  # the reference of every later row
             if seed_set == "A":
-                keep_row["grid"] = torch.from_numpy(grids[(spec.policy, budget)])
+                keep_row["grid"] = torch.from_numpy(grids[(spec.label, budget)])
             done_dir.mkdir(parents=True, exist_ok=True)
             torch.save(keep_row, done_file.with_suffix(".tmp"))
             done_file.with_suffix(".tmp").replace(done_file)
@@ -263,7 +271,7 @@ def write_outputs(rows: list[EvalRow], grids: dict, out: Path, sampling: Samplin
             keys.insert(0, ("full", "1"))
         images = [img for k in keys for img in grids[k][:cols]]
         captions = [("full" if k[0] == "full" else k[1]) for k in keys for _ in range(cols)]
-        contact_sheet(images, captions, cols=cols, min_cell=48).save(out / f"samples_{policy}.png")
+        contact_sheet(images, captions, cols=cols, min_cell=48).save(out / f"samples_{slug(policy)}.png")
 
 
 def plot_quality(rows: list[EvalRow], path: Path, title: str) -> None:
@@ -309,6 +317,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=500, help="images generated together")
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES), help="cache policies to compare")
     p.add_argument("--budgets", nargs="+", default=list(BUDGETS), help="fractions of the image lines, e.g. 1/4")
+    p.add_argument("--linear-budgets", nargs="+", default=None,
+                   help="budgets of the linear rows (default: --budgets), e.g. 1/2 1/4 1/6 1/8 beside baselines at 1/4 1/6 1/8")
+    p.add_argument("--linear-decays", nargs="+", type=float, default=[],
+                   help="also rows of linear with these score_decay values (0 < d <= 1) at every budget")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i")
     p.add_argument("--no-spread", action="store_true",
                    help=f"skip the second full-cache row (seeds SEED + {SEED_SET_OFFSET} + i) that measures noise")
@@ -336,7 +348,7 @@ def run(args) -> int:
     bundle = bundle_module(args.bundle)
     if args.threads:
         torch.set_num_threads(args.threads)
-    for b in args.budgets:
+    for b in [*args.budgets, *(args.linear_budgets or [])]:
         try:
             if not 0 < Fraction(b) < 1:
                 raise ValueError
@@ -345,7 +357,7 @@ def run(args) -> int:
     base = bundle.model_sampling((args.model_dir or bundle.ASSET_DIR) / bundle.GPT_JSON)
     sampling = sampling_from_args(args, base)
     evaluate(args.model_dir, bundle=args.bundle, judge=args.judge, spread=not args.no_spread, samples=args.samples, batch_size=args.batch_size,
-             sampling=sampling, policies=args.policies, budgets=args.budgets, seed=args.seed,
+             sampling=sampling, policies=args.policies, budgets=args.budgets, linear_budgets=args.linear_budgets, linear_decays=args.linear_decays, seed=args.seed,
              heldout=args.heldout, out_dir=args.out, progress=not args.no_progress)
     print((args.out / "quality.md").read_text())
     print(f"wrote {args.out}/quality.csv, quality_vs_budget.png, samples_<policy>.png")
