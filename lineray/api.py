@@ -12,6 +12,7 @@ import torch
 from lineray.cache import CacheSpec
 from lineray.images import contact_sheet, save_png, to_uint8
 from lineray.kernels.sampling import SamplingConfig
+from lineray.models.family import family_of
 from lineray.models.generate import Condition, GenerationError
 from lineray.models.spec import ModelSpec
 from lineray.workers.replica import ReplicaConfig, make_replica, sample_sizes_then_generate
@@ -96,13 +97,14 @@ def sample(classes: list[int] | None = None, *, prompts: list[str] | None = None
         bar.close()
         if own:
             replica.shutdown()
+    rounding = family_of(model_cfg.family).pixel_rounding  # uint8 pixels as the model's original writes them
     if model.samples_size:
-        images = decode_sizes(decoder, tokens, grids, model_cfg.line_extra, device)
+        images = decode_sizes(decoder, tokens, grids, model_cfg.line_extra, device, rounding)
     else:
         tokens = torch.cat(tokens)
         lines = tokens.view(-1, model_cfg.grid_h, model_cfg.line_tokens)  # by line, end-of-line tokens last (Lumina)
         with torch.inference_mode():
-            images = to_uint8(decoder.decode_codes(lines.to(device)))
+            images = to_uint8(decoder.decode_codes(lines.to(device)), rounding)
     result = SampleResult(list(classes or []) if prompts is None else [], seeds, tokens, images,
                           seconds=time.perf_counter() - t0, prompts=list(prompts or []))
     if out is not None:
@@ -165,14 +167,14 @@ class PromptBatches:
 
 
 def decode_sizes(decoder, tokens: list[torch.Tensor], grids: list[tuple[int, int]], line_extra: int,
-                 device: str) -> list[np.ndarray]:
+                 device: str, rounding: str = "round") -> list[np.ndarray]:
     """Images of several sizes: each grid's images decoded together, returned in order."""
     images: list = [None] * len(tokens)
     for rows, cols in sorted(set(grids)):
         idx = [i for i, g in enumerate(grids) if g == (rows, cols)]
         lines = torch.stack([tokens[i] for i in idx]).view(len(idx), rows, cols + line_extra)
         with torch.inference_mode():
-            pixels = to_uint8(decoder.decode_codes(lines.to(device)))
+            pixels = to_uint8(decoder.decode_codes(lines.to(device)), rounding)
         for j, i in enumerate(idx):
             images[i] = pixels[j]
     return images

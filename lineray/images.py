@@ -10,10 +10,17 @@ import torch
 from PIL import Image, ImageDraw
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+PIXEL_ROUNDING = ("round", "truncate")
+
+
+def to_uint8(images: torch.Tensor, rounding: str = "round") -> np.ndarray:
+    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8, as the model's original writes its images: "round"
+    (LlamaGen: 127.5 x + 128, then cast) or "truncate" (Janus-Pro and Lumina-mGPT cast (x + 1) * 127.5)."""
+    if rounding not in PIXEL_ROUNDING:
+        raise ValueError(f"pixel rounding must be one of {', '.join(PIXEL_ROUNDING)}, got {rounding!r}")
+    x = (images.detach().float().clamp(-1, 1) + 1) * 127.5
+    x = x.round() if rounding == "round" else x.floor()  # x >= 0: floor is the cast's truncation
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def png_bytes(image: np.ndarray) -> bytes:

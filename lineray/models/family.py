@@ -45,6 +45,7 @@ class Family:
     null_condition: NullRule  # (model, cond rows, key mask) -> (CFG null rows, their key mask)
     # (cfg) -> [image_tokens] int64: the token forced at each image position, -1 where it is sampled; or None
     forced_tokens: Callable[..., "torch.Tensor | None"] = lambda cfg: None
+    pixel_rounding: str = "round"  # decoder output -> uint8 as the original does it (images.to_uint8)
     # (cfg) -> [(rows, cols)]: the image grids a model makes besides its config's own (Lumina's sizes); with
     # grid_problem (cfg, rows, cols) -> why not (None: allowed). One grid per generate call (Transformer.for_grid).
     image_grids: Callable[..., list] = lambda cfg: [(cfg.grid_h, cfg.grid_width)]
@@ -69,7 +70,7 @@ FAMILIES: dict[str, Family] = {
         name="janus", switches=FAMILY_SWITCHES["janus"],
         prefix_name="prompt_embedding", prefix_embedding=janus.prompt_embedding,
         image_name="image_embedding", image_embedding=janus.image_embedding,
-        output_head=janus.output_head, null_condition=janus.null_prompt,
+        output_head=janus.output_head, null_condition=janus.null_prompt, pixel_rounding="truncate",
         description="Janus-Pro text-to-image (Llama LM, gen_embed + aligner, gen_head), 384 px"),
     "lumina": Family(
         name="lumina", switches=FAMILY_SWITCHES["lumina"],
@@ -77,6 +78,7 @@ FAMILIES: dict[str, Family] = {
         prefix_name="prompt_embedding", prefix_embedding=lumina.shared_embedding,
         image_name="prompt_embedding", image_embedding=lumina.image_embedding,
         output_head=lumina.output_head, null_condition=lumina.null_prompt, forced_tokens=lumina.forced_tokens,
+        pixel_rounding="truncate",
         image_grids=lumina.image_grids, grid_problem=lumina.grid_problem, sample_grids=lumina.sample_grids,
         grid_prefix=lumina.grid_prefix,
         description="Lumina-mGPT text-to-image (Chameleon LM with qk-norm, end-of-line lines), 512-1024 px"),

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from lineray.images import png_bytes, to_uint8
+from lineray.models.family import family_of
 from lineray.models.generate import Condition
 from lineray.models.spec import ModelSpec
 from lineray.pipelines.monitor import stage_report
@@ -122,6 +123,7 @@ class DecodeStage(_Reported):
         # By line as generated: a family with end-of-line tokens (Lumina) has them last; its decoder drops them.
         cfg = model.config()
         self.line_extra, self.own_grid = cfg.line_extra, (cfg.grid_h, cfg.grid_width)
+        self.rounding = family_of(cfg.family).pixel_rounding
         self.device = device
         self.monitor = monitor
         stage_report(monitor, self.stage)
@@ -136,7 +138,7 @@ class DecodeStage(_Reported):
             n_tok = int(rows) * (int(cols) + self.line_extra)
             codes = torch.from_numpy(tokens[idx, :n_tok]).view(len(idx), int(rows), int(cols) + self.line_extra)
             with torch.inference_mode():
-                pixels = to_uint8(self.decoder.decode_codes(codes.to(self.device)))
+                pixels = to_uint8(self.decoder.decode_codes(codes.to(self.device)), self.rounding)
             for j, i in enumerate(idx):
                 images[i] = pixels[j]
         out = {k: v for k, v in batch.items() if k != "tokens"}
