@@ -53,7 +53,8 @@ def test_text_rows_are_tokenized_and_bad_ones_rejected(model, tmp_path):
             {"id": "cat", "prompt": "a blue cat on the moon", "count": 2},
             {"id": "empty", "prompt": ""}, {"id": "blank", "prompt": "  \n "}, {"id": "long", "prompt": TOO_LONG},
             {"prompt": "no id here"}, {"id": "caption", "text": "a text column is not a prompt"},
-            {"id": "number", "prompt": 12}, {"id": 5, "caption": "renamed columns work"}]
+            {"id": "number", "prompt": 12}, {"id": 5, "caption": "renamed columns work"},
+            {"id": "sized", "prompt": "a red fox", "size": "384x384"}]  # Janus-Pro makes one size only
     src = tmp_path / "prompts.jsonl"
     src.write_bytes(jsonl_bytes(rows))
     job = text_job(str(src), str(tmp_path / "out"), model)
@@ -61,12 +62,13 @@ def test_text_rows_are_tokenized_and_bad_ones_rejected(model, tmp_path):
     assert (rules.model_type, rules.max_prefix_len) == ("text", MAX_PREFIX)
     (shard,) = iter_shards(PromptSource(str(src)), rules, shard_rows=16)
     reasons = {e["row"]: e["reason"] for e in shard.errors}
-    assert sorted(reasons) == [3, 4, 5, 6, 7, 8, 9]
+    assert sorted(reasons) == [3, 4, 5, 6, 7, 8, 9, 10]
     assert "empty prompt" in reasons[3] and "empty prompt" in reasons[4]
     assert "too long" in reasons[5] and f"at most {MAX_PREFIX}" in reasons[5] and "47 tokens" in reasons[5]
     assert reasons[6] == "missing id"
     assert reasons[7].startswith("missing prompt") and "columns: {prompt: NAME}" in reasons[7]
     assert reasons[8].startswith("bad prompt 12")
+    assert reasons[10] == "bad size '384x384': this model makes images of one size; leave size out"
 
     encoder = job.model.prompt_encoder()
     images = {(i["id"], i["image_index"]): i for i in shard.images}
