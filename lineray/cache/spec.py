@@ -150,4 +150,4 @@ class CachePlan:
     def describe(self) -> str:
         if not self.evicts:
             return self.spec.policy if self.spec.policy == "full" else f"{self.spec.policy} (budget covers the image)"
-        return f"{self.spec.policy} {self.budget_lines}/{self.grid_h} lines ({self.budget} tokens)"
+        return f"{self.spec.label} {self.budget_lines}/{self.grid_h} lines ({self.budget} tokens)"
