@@ -17,17 +17,24 @@ from lineray.models.transformer import Transformer
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-# Every Ray this test run starts keeps its files under one private root, removed at the end. Without it,
-# ray.cluster_utils.Cluster writes /tmp/ray/ray_current_cluster and fails on a clean machine where /tmp/ray
-# does not exist yet (it never creates the folder), and it would share that file with other Rays here.
-# Short path: Ray's socket paths must stay under the 107-byte AF_UNIX limit.
-_RAY_TMP_ROOT = tempfile.mkdtemp(prefix="lrt-", dir="/tmp")
-os.environ["RAY_TMPDIR"] = _RAY_TMP_ROOT
-os.makedirs(os.path.join(_RAY_TMP_ROOT, "ray"))
+_ray_tmp_root: str | None = None
 
 
-def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(_RAY_TMP_ROOT, ignore_errors=True)
+def pytest_configure(config):
+    """Every Ray this test run starts keeps its files under one private root, removed at the end. Without
+    it, ray.cluster_utils.Cluster writes /tmp/ray/ray_current_cluster and fails on a clean machine where
+    /tmp/ray does not exist yet (it never creates the folder), and it would share that file with other Rays
+    here. A hook, not import-time code: Ray workers import this module too (through test helpers) and must
+    not make roots of their own. Short path: Ray's socket paths must stay under the 107-byte AF_UNIX limit."""
+    global _ray_tmp_root
+    _ray_tmp_root = tempfile.mkdtemp(prefix="lrt-", dir="/tmp")
+    os.makedirs(os.path.join(_ray_tmp_root, "ray"))
+    os.environ["RAY_TMPDIR"] = _ray_tmp_root  # read by Ray whenever it picks a temp dir
+
+
+def pytest_unconfigure(config):
+    if _ray_tmp_root is not None:
+        shutil.rmtree(_ray_tmp_root, ignore_errors=True)
 torch.set_num_threads(1)  # 2 cores shared with Ray workers and subprocesses: oversubscription is far slower
 
 
