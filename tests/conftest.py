@@ -16,6 +16,7 @@ from lineray.models.config import preset
 from lineray.models.transformer import Transformer
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+torch.set_num_threads(1)  # 2 cores shared with Ray workers and subprocesses: oversubscription is far slower
 
 _ray_tmp_root: str | None = None
 
@@ -35,7 +36,6 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     if _ray_tmp_root is not None:
         shutil.rmtree(_ray_tmp_root, ignore_errors=True)
-torch.set_num_threads(1)  # 2 cores shared with Ray workers and subprocesses: oversubscription is far slower
 
 
 def tiny_model(grid: int = 8, model_type: str = "c2i", seed: int = 0, **overrides) -> Transformer:
