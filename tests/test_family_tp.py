@@ -9,8 +9,6 @@ import itertools
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lineray.cache import CacheSpec
 from lineray.kernels.sampling import SamplingConfig
@@ -18,7 +16,7 @@ from lineray.models.checkpoint import load_checkpoint
 from lineray.models.generate import Condition, generate_tokens
 from lineray.models.layers import TPGroup
 from lineray.models.transformer import Transformer
-from lineray.workers.parallel_state import interface_of
+from gloo_ranks import run_on_two_ranks
 from test_family import PROMPTS, SEEDS, janus_tiny
 from test_tp import ray_local  # noqa: F401 - the private local Ray of the TP replica tests
 
@@ -43,17 +41,6 @@ def run_cases(tp: TPGroup, ckpt_dir: str) -> dict:
     return out
 
 
-def _rank(rank: int, store: str, ckpt_dir: str, result: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        out = run_cases(TPGroup(rank, 2, dist.group.WORLD), ckpt_dir)
-        if rank == 0:
-            torch.save(out, result)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def ckpt_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("janus_ckpt")
@@ -64,11 +51,7 @@ def ckpt_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tp2(tmp_path_factory, ckpt_dir):
-    tmp = tmp_path_factory.mktemp("tp2")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("GLOO_SOCKET_IFNAME", interface_of("127.0.0.1"))  # loopback only
-        mp.spawn(_rank, args=(str(tmp / "store"), ckpt_dir, str(tmp / "out.pt")), nprocs=2, join=True)
-    return torch.load(tmp / "out.pt", weights_only=True)
+    return run_on_two_ranks(run_cases, ckpt_dir, tmp=tmp_path_factory.mktemp("tp2"))
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ image-code rows of lm_head) and run the decode loop; tp=2 must give tp=1's token
 full cache and an evicting LineAR cache, in the dynamic and the static step."""
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lineray.cache import CacheSpec
 from lineray.kernels.sampling import SamplingConfig
@@ -13,7 +11,7 @@ from lineray.models.generate import Condition, generate_tokens
 from lineray.models.layers import TPGroup
 from lineray.models.lumina.folder import load_model
 from lineray.models.lumina.prompt import LuminaPromptEncoder
-from lineray.workers.parallel_state import interface_of
+from gloo_ranks import run_on_two_ranks
 from lumina_fixtures import build_tiny_lumina
 from test_tp import ray_local  # noqa: F401 - the private local Ray of the TP replica tests
 
@@ -41,19 +39,13 @@ def run_cases(folder: str, tp: TPGroup) -> dict:
     return out
 
 
-def _rank(rank: int, folder: str, store: str, result: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        tp = TPGroup(rank, 2, dist.group.WORLD)
-        out = run_cases(folder, tp)
-        model, _ = load_model(folder, tp=tp, grid_size=4, grid_w=6, max_prefix_len=40)
-        out["head_rows"] = model.output.weight.shape[0]
-        out["q_norm"] = model.layers[0].attention.q_norm.weight.detach().clone()
-        if rank == 0:
-            torch.save(out, result)
-    finally:
-        dist.destroy_process_group()
+def rank_cases(tp: TPGroup, folder: str) -> dict:
+    """run_cases on one rank of tp=2, and what that rank holds of the head and the qk-norm."""
+    out = run_cases(folder, tp)
+    model, _ = load_model(folder, tp=tp, grid_size=4, grid_w=6, max_prefix_len=40)
+    out["head_rows"] = model.output.weight.shape[0]
+    out["q_norm"] = model.layers[0].attention.q_norm.weight.detach().clone()
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +55,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tp2(folder, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tp2")
-    with pytest.MonkeyPatch.context() as mpatch:
-        mpatch.setenv("GLOO_SOCKET_IFNAME", interface_of("127.0.0.1"))  # loopback only
-        mp.spawn(_rank, args=(folder, str(tmp / "store"), str(tmp / "out.pt")), nprocs=2, join=True)
-    return torch.load(tmp / "out.pt", weights_only=True)
+    return run_on_two_ranks(rank_cases, folder, tmp=tmp_path_factory.mktemp("tp2"))
 
 
 @pytest.mark.timeout(300)

@@ -7,15 +7,13 @@ import itertools
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lineray.cache import CacheSpec
 from lineray.kernels.sampling import SamplingConfig
 from lineray.models.generate import Condition, generate_tokens
 from lineray.models.layers import TPGroup
 from lineray.models.spec import RANDOM, ModelSpec
-from lineray.workers.parallel_state import interface_of
+from gloo_ranks import run_on_two_ranks
 
 SAMPLING = SamplingConfig(cfg_scale=4.0, top_k=100)
 SPECS = {"full": CacheSpec(), "linear": CacheSpec("linear", lines=3), "window": CacheSpec("window", lines=3),
@@ -46,29 +44,9 @@ def run_cases(tp: TPGroup) -> dict:
     return out
 
 
-def _rank(rank: int, store: str, result: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        out = run_cases(TPGroup(rank, 2, dist.group.WORLD))
-        if rank == 0:
-            torch.save(out, result)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
-def tp2_tokens(tmp_path_factory, monkeypatch_module):
-    tmp = tmp_path_factory.mktemp("tp2")
-    monkeypatch_module.setenv("GLOO_SOCKET_IFNAME", interface_of("127.0.0.1"))  # loopback only
-    mp.spawn(_rank, args=(str(tmp / "store"), str(tmp / "out.pt")), nprocs=2, join=True)
-    return torch.load(tmp / "out.pt", weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as mp_:
-        yield mp_
+def tp2_tokens(tmp_path_factory):
+    return run_on_two_ranks(run_cases, tmp=tmp_path_factory.mktemp("tp2"))
 
 
 @pytest.fixture(scope="module")
