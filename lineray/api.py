@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from lineray.cache import CacheSpec
-from lineray.images import contact_sheet, save_png, to_uint8
+from lineray.images import contact_sheet, save_png
 from lineray.kernels.sampling import SamplingConfig
-from lineray.models.family import family_of
+from lineray.models.decoding import decode_images
 from lineray.models.generate import Condition, GenerationError
 from lineray.models.spec import ModelSpec
 from lineray.workers.replica import ReplicaConfig, make_replica, sample_sizes_then_generate
@@ -97,14 +97,12 @@ def sample(classes: list[int] | None = None, *, prompts: list[str] | None = None
         bar.close()
         if own:
             replica.shutdown()
-    rounding = family_of(model_cfg.family).pixel_rounding  # uint8 pixels as the model's original writes them
     if model.samples_size:
-        images = decode_sizes(decoder, tokens, grids, model_cfg.line_extra, device, rounding)
+        images = decode_images(decoder, model_cfg, tokens, grids, device)
     else:
         tokens = torch.cat(tokens)
-        lines = tokens.view(-1, model_cfg.grid_h, model_cfg.line_tokens)  # by line, end-of-line tokens last (Lumina)
-        with torch.inference_mode():
-            images = to_uint8(decoder.decode_codes(lines.to(device)), rounding)
+        images = np.stack(decode_images(decoder, model_cfg, tokens, [(model_cfg.grid_h, model_cfg.grid_width)] * n,
+                                        device))
     result = SampleResult(list(classes or []) if prompts is None else [], seeds, tokens, images,
                           seconds=time.perf_counter() - t0, prompts=list(prompts or []))
     if out is not None:
@@ -164,20 +162,6 @@ class PromptBatches:
 
     def __call__(self, chunk: slice) -> Condition:
         return Condition.prompts(self.ids[chunk])
-
-
-def decode_sizes(decoder, tokens: list[torch.Tensor], grids: list[tuple[int, int]], line_extra: int,
-                 device: str, rounding: str = "round") -> list[np.ndarray]:
-    """Images of several sizes: each grid's images decoded together, returned in order."""
-    images: list = [None] * len(tokens)
-    for rows, cols in sorted(set(grids)):
-        idx = [i for i, g in enumerate(grids) if g == (rows, cols)]
-        lines = torch.stack([tokens[i] for i in idx]).view(len(idx), rows, cols + line_extra)
-        with torch.inference_mode():
-            pixels = to_uint8(decoder.decode_codes(lines.to(device)), rounding)
-        for j, i in enumerate(idx):
-            images[i] = pixels[j]
-    return images
 
 
 def _slug(text: str, limit: int = 40) -> str:

@@ -12,8 +12,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from lineray.images import png_bytes, to_uint8
-from lineray.models.family import family_of
+from lineray.images import png_bytes
+from lineray.models.decoding import decode_images
 from lineray.models.generate import Condition
 from lineray.models.spec import ModelSpec
 from lineray.pipelines.monitor import stage_report
@@ -120,10 +120,8 @@ class DecodeStage(_Reported):
 
     def __init__(self, model: ModelSpec, device: str = "cpu", monitor=None):
         self.decoder = model.build_decoder(device=device)
-        # By line as generated: a family with end-of-line tokens (Lumina) has them last; its decoder drops them.
-        cfg = model.config()
-        self.line_extra, self.own_grid = cfg.line_extra, (cfg.grid_h, cfg.grid_width)
-        self.rounding = family_of(cfg.family).pixel_rounding
+        self.model_cfg = model.config()
+        self.own_grid = (self.model_cfg.grid_h, self.model_cfg.grid_width)
         self.device = device
         self.monitor = monitor
         stage_report(monitor, self.stage)
@@ -131,16 +129,8 @@ class DecodeStage(_Reported):
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tokens = np.asarray(batch["tokens"], dtype=np.int64)
         self._begin(len(tokens))
-        grids = batch_grids(batch, self.own_grid)
-        images: list = [None] * len(tokens)
-        for rows, cols in np.unique(grids, axis=0):
-            idx = np.flatnonzero((grids == (rows, cols)).all(1))
-            n_tok = int(rows) * (int(cols) + self.line_extra)
-            codes = torch.from_numpy(tokens[idx, :n_tok]).view(len(idx), int(rows), int(cols) + self.line_extra)
-            with torch.inference_mode():
-                pixels = to_uint8(self.decoder.decode_codes(codes.to(self.device)), self.rounding)
-            for j, i in enumerate(idx):
-                images[i] = pixels[j]
+        grids = [(int(r), int(c)) for r, c in batch_grids(batch, self.own_grid)]
+        images = decode_images(self.decoder, self.model_cfg, tokens, grids, self.device)
         out = {k: v for k, v in batch.items() if k != "tokens"}
         out["height"] = np.array([im.shape[0] for im in images], dtype=np.int32)
         out["width"] = np.array([im.shape[1] for im in images], dtype=np.int32)
